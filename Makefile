@@ -1,0 +1,28 @@
+# ligerfx developer entry points. Everything CI needs is installed from here.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install test demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# CPU install: pin the local CPU build of torch first so nothing pulls a multi-GB CUDA wheel.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q -e '.[test]' $(TORCH_CPU)
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x tests
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,148 @@
+"""The ``ligerfx::`` custom ops: the interface between the passes and the kernels.
+
+Each op is a ``torch.library.custom_op`` with a fake (meta) implementation, so ``torch.compile`` and
+``torch.export`` see through it without running it, and an autograd formula whose backward is its own op.
+The default implementation is the plain-PyTorch reference in ``ligerfx/kernels/*/naive.py``; device kernels
+(Triton) register themselves with ``register_impl(op_name, device, fn)`` and are picked at call time.
+
+    ligerfx::gla_fwd(q, k, v, g, h0?)                -> (o, hT)
+    ligerfx::gla_bwd(q, k, v, g, h0?, do, dhT?)      -> (dq, dk, dv, dg, dh0)
+    ligerfx::swa_fwd(q, k, v, q_pos, k_pos, scale, window, sinks)          -> (o, lse)
+    ligerfx::swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale, window, sinks) -> (dq, dk, dv)
+
+Shapes and semantics are documented in ``kernels/gla/naive.py`` and ``kernels/swa/naive.py``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .kernels.gla import naive as gla_naive
+from .kernels.swa import naive as swa_naive
+
+# op name -> device type -> implementation. Filled by the Triton kernel modules when they import.
+_IMPLS: dict[str, dict[str, Callable]] = {"gla_fwd": {}, "gla_bwd": {}, "swa_fwd": {}, "swa_bwd": {}}
+_REFERENCE = {
+    "gla_fwd": gla_naive.gla_fwd,
+    "gla_bwd": gla_naive.gla_bwd_chunked,
+    "swa_fwd": swa_naive.swa_fwd,
+    "swa_bwd": swa_naive.swa_bwd,
+}
+_FORCE_REFERENCE = False
+
+
+def register_impl(op: str, device: str, fn: Callable) -> None:
+    """Plug a device kernel in behind ``ligerfx::<op>``."""
+    _IMPLS[op][device] = fn
+
+
+class reference_kernels:
+    """Context manager forcing the plain-PyTorch reference for every op (debugging, parity tests)."""
+
+    def __enter__(self):
+        global _FORCE_REFERENCE
+        self._prev, _FORCE_REFERENCE = _FORCE_REFERENCE, True
+
+    def __exit__(self, *exc):
+        global _FORCE_REFERENCE
+        _FORCE_REFERENCE = self._prev
+
+
+def _impl(op: str, x: Tensor) -> Callable:
+    if not _FORCE_REFERENCE:
+        fn = _IMPLS[op].get(x.device.type)
+        if fn is not None:
+            return fn
+    return _REFERENCE[op]
+
+
+# ---------------------------------------------------------------------------------------------------------- GLA
+@torch.library.custom_op("ligerfx::gla_fwd", mutates_args=())
+def gla_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    o, hT = _impl("gla_fwd", q)(q, k, v, g, h0)
+    return o.contiguous(), hT.contiguous()
+
+
+@gla_fwd.register_fake
+def _(q, k, v, g, h0):
+    B, HQ, T, K = q.shape
+    return q.new_empty(B, HQ, T, v.shape[-1], dtype=torch.float32), q.new_empty(
+        B, k.shape[1], K, v.shape[-1], dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("ligerfx::gla_bwd", mutates_args=())
+def gla_bwd(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Optional[Tensor], do: Tensor, dhT: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _impl("gla_bwd", q)(q, k, v, g, h0, do, dhT)
+    return tuple(x.contiguous() for x in grads)
+
+
+@gla_bwd.register_fake
+def _(q, k, v, g, h0, do, dhT):
+    B, HKV, K, V = k.shape[0], k.shape[1], k.shape[-1], v.shape[-1]
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+            q.new_empty(B, HKV, K, V, dtype=torch.float32))
+
+
+def _gla_setup(ctx, inputs, output):
+    q, k, v, g, h0 = inputs
+    ctx.has_h0 = h0 is not None
+    ctx.save_for_backward(q, k, v, g, h0)
+
+
+def _gla_backward(ctx, do, dhT):
+    q, k, v, g, h0 = ctx.saved_tensors
+    dq, dk, dv, dg, dh0 = gla_bwd(q, k, v, g, h0, do, dhT)
+    return dq, dk, dv, dg, (dh0 if ctx.has_h0 else None)
+
+
+gla_fwd.register_autograd(_gla_backward, setup_context=_gla_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------- SWA
+@torch.library.custom_op("ligerfx::swa_fwd", mutates_args=())
+def swa_fwd(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, window: int, sinks: int
+) -> tuple[Tensor, Tensor]:
+    o, lse = _impl("swa_fwd", q)(q, k, v, q_pos, k_pos, scale, window, sinks)
+    return o.contiguous(), lse.contiguous()
+
+
+@swa_fwd.register_fake
+def _(q, k, v, q_pos, k_pos, scale, window, sinks):
+    B, HQ, TQ, _ = q.shape
+    return q.new_empty(B, HQ, TQ, v.shape[-1]), q.new_empty(B, HQ, TQ, dtype=torch.float32)
+
+
+@torch.library.custom_op("ligerfx::swa_bwd", mutates_args=())
+def swa_bwd(
+    q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+    scale: float, window: int, sinks: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    grads = _impl("swa_bwd", q)(q, k, v, q_pos, k_pos, o, lse, do, scale, window, sinks)
+    return tuple(x.contiguous() for x in grads)
+
+
+@swa_bwd.register_fake
+def _(q, k, v, q_pos, k_pos, o, lse, do, scale, window, sinks):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _swa_setup(ctx, inputs, output):
+    q, k, v, q_pos, k_pos, scale, window, sinks = inputs
+    o, lse = output
+    ctx.args = (scale, window, sinks)
+    ctx.save_for_backward(q, k, v, q_pos, k_pos, o, lse)
+
+
+def _swa_backward(ctx, do, dlse):
+    q, k, v, q_pos, k_pos, o, lse = ctx.saved_tensors
+    dq, dk, dv = swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+swa_fwd.register_autograd(_swa_backward, setup_context=_swa_setup)

@@ -1,0 +1,38 @@
+"""Independent float64 references written for the tests (they share no code with ligerfx)."""
+import torch
+
+
+def gla_recurrence64(q, k, v, g, h0=None):
+    """o_t = q_t S_t, S_t = diag(exp g_t) S_{t-1} + k_t^T v_t; k/v/g per KV head, q per query head. float64."""
+    q, k, v, g = (x.double() for x in (q, k, v, g))
+    B, HQ, T, K = q.shape
+    HKV, V = k.shape[1], v.shape[-1]
+    G = HQ // HKV
+    S = torch.zeros(B, HKV, K, V, dtype=torch.float64) if h0 is None else h0.double()
+    out = []
+    for t in range(T):
+        S = S * g[:, :, t].exp()[..., None] + k[:, :, t, :, None] * v[:, :, t, None, :]
+        St = S.repeat_interleave(G, dim=1)
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], St))
+    return torch.stack(out, 2), S
+
+
+def window_attention64(q, k, v, q_pos, k_pos, scale, window, sinks=0):
+    """Softmax over keys with k_pos <= q_pos and (q_pos - k_pos <= window or k_pos < sinks); -1 = invalid."""
+    q, k, v = q.double(), k.double(), v.double()
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    B, H, TQ, _ = q.shape
+    out = torch.zeros(B, H, TQ, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for i in range(TQ):
+            qp = int(q_pos[b, i])
+            if qp < 0:
+                continue
+            keys = [j for j in range(k.shape[2]) if 0 <= int(k_pos[b, j]) <= qp
+                    and (qp - int(k_pos[b, j]) <= window or int(k_pos[b, j]) < sinks)]
+            if not keys:
+                continue
+            s = torch.einsum("hd,hjd->hj", q[b, :, i], k[b, :, keys]) * scale
+            out[b, :, i] = torch.einsum("hj,hjv->hv", s.softmax(-1), v[b, :, keys])
+    return out
