@@ -1,0 +1,285 @@
+"""Score a model object with lm-eval-harness on the local task copies, plus decode-path checks.
+
+* :func:`run_lm_eval` wraps ``lm_eval.simple_evaluate`` with lm-eval's own ``HFLM`` around our (possibly linearized)
+  model object; scoring is entirely lm-eval's.
+* :func:`lambada_generate` measures LAMBADA last-word accuracy through ``model.generate()`` (greedy), i.e. the
+  KV-cache / recurrent-state decode path, which lm-eval's log-likelihood scoring never touches.
+* :func:`decode_consistency` compares logits of step-by-step decoding against one full forward on real text.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import string
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+from .tasks import DEFAULT_TASKS, MAIN_METRIC, TASKS, default_data_dir, prepare_tasks
+
+PERCENT_METRICS = {"acc", "acc_norm"}
+
+
+def make_lm(model, tokenizer, batch_size: int = 8, max_length: Optional[int] = 2048, **kwargs):
+    """lm-eval's ``HFLM`` around an already-built model object."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, **kwargs)
+
+
+def run_lm_eval(
+    model,
+    tokenizer,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    data_dir: Optional[os.PathLike] = None,
+    limit: Optional[float] = None,
+    batch_size: int = 8,
+    max_length: Optional[int] = 2048,
+    num_fewshot: int = 0,
+    log_samples: bool = False,
+    bootstrap_iters: int = 1000,
+    cache: Optional[os.PathLike] = None,
+    lm=None,
+) -> Dict[str, Any]:
+    """Run ``lm_eval.simple_evaluate`` on the local tasks; return lm-eval's result dict (``results``, ``samples``...)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    include = prepare_tasks(tasks, data_dir, cache)
+    tm = TaskManager(include_path=str(include), include_defaults=False)
+    if lm is None:
+        lm = make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=tm,
+        log_samples=log_samples,
+        bootstrap_iters=bootstrap_iters,
+        batch_size=batch_size,
+    )
+    out["ligerfx_task_dir"] = str(include)
+    return out
+
+
+def summarize(lm_out: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+    """``{task: {metric: value, metric_stderr: value, n: count}}``; acc/acc_norm in percent, perplexities raw."""
+    res = {}
+    n_samples = lm_out.get("n-samples", {})
+    for task, metrics in lm_out["results"].items():
+        row = {}
+        for key, val in metrics.items():
+            if "," not in key or not isinstance(val, (int, float)):
+                continue
+            name, _filter = key.split(",", 1)
+            base = name[: -len("_stderr")] if name.endswith("_stderr") else name
+            scale = 100.0 if base in PERCENT_METRICS else 1.0
+            row[name] = float(val) * scale
+        ns = n_samples.get(task, {})
+        if ns:
+            row["n"] = int(ns.get("effective", ns.get("original", 0)))
+        res[task] = row
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- decode checks
+
+
+def _lambada_items(data_dir: Path, limit: Optional[int]) -> List[dict]:
+    p = Path(data_dir) / "lambada_openai/lambada_openai_test.jsonl"
+    items = []
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                items.append(json.loads(line))
+            if limit is not None and len(items) >= limit:
+                break
+    return items
+
+
+def _strip_punct(w: str) -> str:
+    return w.strip().strip(string.punctuation + "“”‘’\"'")
+
+
+@torch.no_grad()
+def lambada_generate(model, tokenizer, data_dir: Optional[os.PathLike] = None, limit: Optional[int] = 500,
+                     extra_tokens: int = 2) -> Dict[str, Any]:
+    """LAMBADA last-word accuracy by greedy ``model.generate()``, one item at a time (no padding).
+
+    For each item the prompt is the context (tokenized with the tokenizer's default special tokens, like lm-eval)
+    and ``len(tokens(" " + word)) + extra_tokens`` new tokens are generated greedily.
+
+    * ``acc_token``: the first generated tokens equal the tokens of ``" " + word`` (lm-eval's ``acc`` definition, so
+      it should equal lm-eval's log-likelihood ``acc`` on the same items up to exact logit ties);
+    * ``acc_word``: the first whitespace-separated generated word equals the target, punctuation stripped.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    items = _lambada_items(data_dir, limit)
+    dev = next(model.parameters()).device
+    ok_tok = ok_word = 0
+    t0 = time.time()
+    for it in items:
+        ctx = tokenizer(it["context"], return_tensors="pt").input_ids.to(dev)
+        tgt = tokenizer(" " + it["continuation"], add_special_tokens=False).input_ids
+        out = model.generate(
+            ctx, attention_mask=torch.ones_like(ctx), max_new_tokens=len(tgt) + extra_tokens, do_sample=False,
+            num_beams=1, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        new = out[0, ctx.shape[1]:].tolist()
+        ok_tok += int(new[: len(tgt)] == tgt)
+        words = tokenizer.decode(new, skip_special_tokens=True).split()
+        ok_word += int(bool(words) and _strip_punct(words[0]) == _strip_punct(it["continuation"]))
+    n = max(len(items), 1)
+    return {
+        "n": len(items),
+        "acc_token": 100.0 * ok_tok / n,
+        "acc_word": 100.0 * ok_word / n,
+        "seconds": time.time() - t0,
+    }
+
+
+def _default_texts(data_dir: Path, n: int) -> List[str]:
+    """Real text for the consistency check: the first ``n`` LAMBADA passages (several hundred tokens each)."""
+    return [it["context"] + " " + it["continuation"] for it in _lambada_items(data_dir, n)]
+
+
+@torch.no_grad()
+def decode_consistency(model, tokenizer, texts: Optional[Sequence[str]] = None, data_dir: Optional[os.PathLike] = None,
+                       n_texts: int = 4, max_tokens: int = 256, prefill: Sequence[int] = (1, 32)) -> Dict[str, Any]:
+    """Compare logits of cached step-by-step decoding with one full (uncached) forward over the same tokens.
+
+    For each text (``max_tokens`` tokens at most) and each prefill length ``p``: the first ``p`` tokens are run in one
+    cached forward, then every further token is fed alone with ``past_key_values``; the logits of all positions are
+    compared with ``model(input_ids).logits``. Reports max / mean absolute difference (over all positions and the
+    whole vocabulary) and the rate at which the argmax agrees.
+    """
+    if texts is None:
+        texts = _default_texts(Path(data_dir) if data_dir is not None else default_data_dir(), n_texts)
+    dev = next(model.parameters()).device
+    per = []
+    max_abs = 0.0
+    max_logit = 0.0
+    sum_abs = 0.0
+    count = 0
+    agree = 0
+    positions = 0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens].to(dev)
+        T = ids.shape[1]
+        full = model(ids, use_cache=False).logits.float()
+        max_logit = max(max_logit, full.abs().max().item())
+        for p in prefill:
+            p = max(1, min(int(p), T))
+            out = model(ids[:, :p], use_cache=True)
+            past = out.past_key_values
+            steps = [out.logits.float()]
+            for t in range(p, T):
+                out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                steps.append(out.logits.float())
+            inc = torch.cat(steps, dim=1)
+            diff = (inc - full).abs()
+            m, s = diff.max().item(), diff.sum().item()
+            a = (inc.argmax(-1) == full.argmax(-1)).sum().item()
+            per.append({"tokens": T, "prefill": p, "max_abs": m, "mean_abs": s / diff.numel(), "argmax_agree": a / T})
+            max_abs = max(max_abs, m)
+            sum_abs += s
+            count += diff.numel()
+            agree += a
+            positions += T
+    return {
+        "n_texts": len(texts),
+        "max_tokens": max_tokens,
+        "prefill": list(prefill),
+        "max_abs_diff": max_abs,
+        "mean_abs_diff": sum_abs / max(count, 1),
+        "argmax_agreement": 100.0 * agree / max(positions, 1),
+        "max_abs_logit": max_logit,
+        "per_text": per,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- reporting
+
+
+def environment() -> Dict[str, Any]:
+    import transformers
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import lm_eval
+
+        info["lm_eval"] = lm_eval.__version__
+    except Exception:  # pragma: no cover
+        pass
+    return info
+
+
+def _fmt(v, pct=True):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.2f}" if pct else f"{v:.3f}"
+
+
+def markdown_table(report: Dict[str, Any]) -> str:
+    """One markdown table of every task/metric in ``report`` (the dict :func:`ligerfx.evaluation.cli.run` writes)."""
+    lines = [f"### {report.get('label', 'model')}", ""]
+    meta = report.get("model", {})
+    env = report.get("environment", {})
+    lines.append(
+        f"model `{meta.get('spec')}`"
+        + (f", transform `{json.dumps(meta.get('transform'))}`" if meta.get("transform") else "")
+        + (f", adapter `{meta.get('adapter')}`" if meta.get("adapter") else "")
+        + f", limit {report.get('limit')}, {env.get('device', '?')}, {env.get('date', '')}"
+    )
+    lines += ["", "| task | metric | value | ± stderr | n |", "|---|---|---:|---:|---:|"]
+    for task, row in report.get("tasks", {}).items():
+        spec = TASKS.get(task)
+        metrics = spec.metrics if spec else [k for k in row if not k.endswith("_stderr") and k != "n"]
+        for m in metrics:
+            if m not in row:
+                continue
+            pct = m in PERCENT_METRICS
+            main = "**" if MAIN_METRIC.get(task) == m else ""
+            lines.append(
+                f"| {task} | {main}{m}{main} | {_fmt(row[m], pct)} | {_fmt(row.get(m + '_stderr'), pct)} | "
+                f"{row.get('n', '')} |"
+            )
+    gen = report.get("generation")
+    if gen:
+        lines.append(f"| lambada_openai (generate) | acc_token | {_fmt(gen['acc_token'])} | - | {gen['n']} |")
+        lines.append(f"| lambada_openai (generate) | acc_word | {_fmt(gen['acc_word'])} | - | {gen['n']} |")
+    dc = report.get("decode_consistency")
+    if dc:
+        lines += [
+            "",
+            f"Decode vs full-forward logits ({dc['n_texts']} LAMBADA texts, ≤{dc['max_tokens']} tokens, prefill "
+            f"{dc['prefill']}): max |Δ| = {dc['max_abs_diff']:.3g}, mean |Δ| = {dc['mean_abs_diff']:.3g}, "
+            f"argmax agreement {dc['argmax_agreement']:.2f}%",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Dict[str, Any], out_dir: os.PathLike, stem: str = "eval") -> Dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jp, mp = out / f"{stem}.json", out / f"{stem}.md"
+    jp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    mp.write_text(markdown_table(report), encoding="utf-8")
+    return {"json": jp, "markdown": mp}

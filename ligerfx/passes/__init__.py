@@ -1,0 +1,1 @@
+"""Graph passes. ``linearize`` rewrites attention sites into Liger attention; ``lora`` injects LoRA adapters."""
