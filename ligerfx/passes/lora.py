@@ -54,7 +54,7 @@ def lora_target_paths(sites: Iterable, targets: Iterable[str]) -> list[str]:
     for site in sites:
         for role in targets:
             path = site.projections.get(role)
-            if path is None:
+            if not path:
                 raise ValueError(f"attention site {site.path} has no {role!r} projection (has {sorted(site.projections)})")
             paths[path] = None
     return list(paths)

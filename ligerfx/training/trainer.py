@@ -1,0 +1,722 @@
+"""Linearize + LoRA fine-tuning loop (Liger's recipe, liger-method.md §4), single process or DDP under ``torchrun``.
+
+One optimizer step consumes ``batch_size`` packed chunks (global chunk indices ``[s*G, (s+1)*G)``); rank ``r`` takes
+``micro_batch_size * grad_accum`` consecutive ones of them. The loss is the token-weighted mean over every response
+token of the global batch: each micro-batch backpropagates ``sum(CE) / n_targets(global batch) * world_size``, so
+gradient accumulation and DDP averaging give exactly the full-batch mean. With ``--distill`` the same weights, run
+under ``ligerfx.teacher_mode`` with LoRA bypassed, give teacher logits and the loss adds ``w * KL(teacher || student)``
+over the same tokens.
+
+A checkpoint (``checkpoint-NNNNNNN/``) holds the adapter (peft format), optimizer, scheduler, step / data position and
+every rank's RNG states; it is written to a temporary folder and renamed, so a crash never leaves a half checkpoint.
+A resumed run rebuilds the model exactly as a fresh one, loads the checkpoint and continues; on CPU its loss curve is
+bit-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import importlib
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..adapters import lora_disabled, lora_layers, save_adapter, load_adapter, unwrap
+from ..config import LigerConfig
+from .data import (IGNORE_INDEX, ChunkStream, DataError, Source, pack_in_order, parse_count, read_records,
+                   tokenize_records)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+LOG_FIELDS = ["step", "tokens", "epoch", "loss", "ce", "kl", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
+              "val_loss"]
+# args that must not change when a run is resumed (the loss curve would no longer continue the same run)
+RESUME_INVARIANTS = [
+    "model", "data", "mix_data", "max_samples", "val_samples", "seq_len", "batch_size", "lr", "min_lr_ratio",
+    "warmup_steps", "weight_decay", "beta1", "beta2", "max_grad_norm", "max_tokens", "seed", "distill",
+    "distill_weight", "distill_temperature", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "window",
+    "liger_mix", "gate_normalizer", "variant", "sinks", "layers", "only_full_attention", "dtype", "precision",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# process group, devices, precision
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device_arg: str = "auto") -> DistInfo:
+    """Read torchrun's env (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``), pick the device, init the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda but CUDA is not available")
+        device = torch.device("cuda", local_rank if ":" not in device_arg else int(device_arg.split(":")[1]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_arg)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank, device)
+
+
+def _all_reduce(values: list[float], info: DistInfo) -> list[float]:
+    if not info.ddp:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.ddp:
+        dist.barrier()
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model
+
+def _ligerfx_fn(name: str):
+    """``ligerfx.<name>``, or ``ligerfx.api.<name>`` while the package does not re-export it."""
+    import ligerfx
+
+    fn = getattr(ligerfx, name, None)
+    if fn is None:
+        fn = getattr(importlib.import_module("ligerfx.api"), name)
+    return fn
+
+
+def liger_config_from_args(args) -> LigerConfig:
+    lora = {"targets": list(args.lora_targets), "r": args.lora_r, "alpha": args.lora_alpha,
+            "dropout": args.lora_dropout}
+    return LigerConfig(window=args.window, mix=args.liger_mix, gate_normalizer=args.gate_normalizer,
+                       variant=args.variant, sinks=args.sinks, layers=args.layers,
+                       only_full_attention=args.only_full_attention, lora=lora)
+
+
+def load_model_and_tokenizer(spec: str, dtype: str, device: torch.device):
+    """``ligerfx.models.load_model`` (local dirs, ``.gguf``, packaged names); plain HF loading if it is missing."""
+    try:
+        from ligerfx.models import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        return load_model(spec, dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(spec).is_dir():
+        raise FileNotFoundError(f"{spec}: not a local model directory (ligerfx.models is not available)")
+    tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=getattr(torch, dtype), local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+def build_model(args, info: DistInfo):
+    """Load, linearize and LoRA-wrap the model exactly the same way in a fresh and a resumed run."""
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, info.device)
+    cfg = liger_config_from_args(args)
+    model = _ligerfx_fn("transform")(model, passes=["linearize", "lora"], config=cfg)
+    n_lora = len(lora_layers(model))
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    return model, tokenizer, cfg, n_lora
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+def build_data(args, tokenizer, total_chunks: int, log) -> tuple[ChunkStream, list]:
+    """Read + validate every file first (a bad line fails before any training), then tokenize and pack."""
+    specs = [(args.data, None)] + [_split_mix(m) for m in args.mix_data]
+    read = []
+    for path, weight in specs:
+        schema, records = read_records(path, limit=args.max_samples)
+        read.append((path, weight, schema, records))
+    path0, _, schema0, records0 = read[0]
+    if args.val_samples >= len(records0):
+        raise DataError(f"{path0}: --val-samples {args.val_samples} leaves no training records ({len(records0)} read)")
+    val_records, train_records = records0[:args.val_samples], records0[args.val_samples:]
+
+    mix_total = sum(w for _, w, _, _ in read[1:])
+    if mix_total >= 1.0:
+        raise ValueError(f"--mix-data fractions sum to {mix_total}; they must leave a share (< 1) for --data")
+    sources, weights = [], []
+    for i, (path, weight, schema, records) in enumerate(read):
+        recs = train_records if i == 0 else records
+        t0 = time.time()
+        samples = tokenize_records(recs, tokenizer)
+        src = Source(str(path), samples, args.seq_len, seed=args.seed * 1000 + i)
+        sources.append(src)
+        weights.append(1.0 - mix_total if i == 0 else weight)
+        log(f"data {path}: {schema}, {len(recs)} records, {src.tokens_per_epoch} tokens/epoch "
+            f"= {src.chunks_per_epoch} chunks of {args.seq_len} (tokenized in {time.time() - t0:.1f}s)")
+    stream = ChunkStream(sources, weights, total_chunks, seed=args.seed)
+    val = pack_in_order(tokenize_records(val_records, tokenizer), args.seq_len) if val_records else []
+    if val_records:
+        log(f"validation: first {len(val_records)} records of {path0} -> {len(val)} chunks")
+    return stream, val
+
+
+def _split_mix(spec: str) -> tuple[str, float]:
+    path, sep, frac = spec.rpartition(":")
+    if not sep or not path:
+        raise ValueError(f"--mix-data {spec!r}: expected PATH:FRACTION, e.g. t0.jsonl.xz:0.2")
+    try:
+        value = float(frac)
+    except ValueError:
+        raise ValueError(f"--mix-data {spec!r}: fraction {frac!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"--mix-data {spec!r}: fraction must lie in (0, 1)")
+    return path, value
+
+
+def _batch(stream: ChunkStream, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [stream.get(i) for i in indices]
+    ids = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.int64)).to(device)
+    labels = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(device)
+    return ids, labels
+
+
+def _n_targets(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loss
+
+def _target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose logits predict a target (union over the batch); logits there are all the loss needs."""
+    valid = labels[:, 1:] != IGNORE_INDEX
+    pos = valid.any(0).nonzero().squeeze(1)
+    if pos.numel() == 0:  # keep the graph (DDP needs every rank to backprop) with an all-ignored position
+        pos = torch.zeros(1, dtype=torch.long, device=labels.device)
+    return pos
+
+
+def _logits(model, input_ids: torch.Tensor, pos: torch.Tensor, keep_arg: bool) -> torch.Tensor:
+    if keep_arg:
+        return model(input_ids=input_ids, use_cache=False, logits_to_keep=pos).logits
+    return model(input_ids=input_ids, use_cache=False).logits[:, pos]
+
+
+def micro_step_loss(model, bare, input_ids, labels, *, keep_arg: bool, distill: bool, temperature: float,
+                    device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and summed KL over the target tokens of one micro-batch (KL is 0 without ``distill``)."""
+    pos = _target_positions(labels)
+    targets = labels[:, 1:][:, pos]
+    if distill:
+        teacher_mode = _ligerfx_fn("teacher_mode")
+        with torch.no_grad(), teacher_mode(bare), lora_disabled(bare), autocast_context(device, precision):
+            t_logits = _logits(bare, input_ids, pos, keep_arg)
+    with autocast_context(device, precision):
+        logits = _logits(model, input_ids, pos, keep_arg)
+    logits = logits.float()
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if not distill:
+        return ce, torch.zeros((), device=ce.device)
+    mask = targets != IGNORE_INDEX
+    t_logp = F.log_softmax(t_logits.float()[mask] / temperature, dim=-1)
+    s_logp = F.log_softmax(logits[mask] / temperature, dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum() * temperature**2
+    return ce, kl
+
+
+@torch.no_grad()
+def evaluate(model, pieces: list, info: DistInfo, precision: str, keep_arg: bool) -> Optional[float]:
+    """Token-weighted mean CE over validation ``pieces`` (split across ranks)."""
+    if not pieces:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for ids, labels in pieces[info.rank::info.world]:
+        ids_t = torch.from_numpy(ids.astype(np.int64))[None].to(info.device)
+        lab_t = torch.from_numpy(labels.astype(np.int64))[None].to(info.device)
+        pos = _target_positions(lab_t)
+        with autocast_context(info.device, precision):
+            logits = _logits(model, ids_t, pos, keep_arg)
+        total += F.cross_entropy(logits.float().flatten(0, 1), lab_t[:, 1:][:, pos].flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += _n_targets(lab_t)
+    total, count = _all_reduce([total, float(count)], info)
+    model.train(was_training)
+    return total / max(count, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimizer, schedule
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    """Linear warmup over ``warmup_steps`` (the last warmup step reaches the peak), then cosine to ``min_ratio``."""
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return fn
+
+
+def make_optimizer(params, args, device: torch.device):
+    kwargs = dict(lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first."""
+    out = []
+    for p in run_dir.glob(CHECKPOINT_PREFIX + "*"):
+        suffix = p.name[len(CHECKPOINT_PREFIX):]
+        if p.is_dir() and suffix.isdigit() and (p / "trainer_state.pt").is_file():
+            out.append(p)
+    return sorted(out, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = checkpoint_dirs(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, info: DistInfo, keep: int) -> Path:
+    """Write ``checkpoint-<step>/`` atomically: every rank adds its RNG state to a temporary folder, rank 0 renames."""
+    final = run_dir / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
+    tmp = run_dir / f".{final.name}.tmp"
+    if info.main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier(info)
+    torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
+    if info.main:
+        save_adapter(model, tmp)
+        torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   tmp / "trainer_state.pt")
+    _barrier(info)
+    if info.main:
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(info)
+    return final
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, info: DistInfo) -> dict:
+    """Load adapter, optimizer and scheduler; return the saved state (RNG states are restored separately)."""
+    load_adapter(unwrap(model), ckpt, trainable=True)
+    state = torch.load(ckpt / "trainer_state.pt", map_location=info.device, weights_only=False)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    return state
+
+
+def restore_rng(ckpt: Path, info: DistInfo, seed: int, log) -> None:
+    path = ckpt / f"rng_rank{info.rank}.pt"
+    if path.is_file():
+        _set_rng_state(torch.load(path, weights_only=False))
+    else:
+        log(f"warning: {path} missing (world size changed?); reseeding rank {info.rank}")
+        _reseed(seed + 7919 * (1 + info.rank))
+
+
+def _reseed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run folder: args, CSV log, loss curve
+
+def _args_record(args) -> dict:
+    d = {k: v for k, v in vars(args).items() if k not in ("func", "_handler")}
+    for k, v in d.items():
+        if isinstance(v, tuple):
+            d[k] = list(v)
+    return d
+
+
+def check_resume_args(saved: dict, current: dict) -> None:
+    diffs = [f"{k}: run has {saved.get(k)!r}, now {current.get(k)!r}"
+             for k in RESUME_INVARIANTS if k in saved and saved.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError("--resume with arguments that change the run:\n  " + "\n  ".join(diffs))
+
+
+class RunLog:
+    """``log.csv`` (one row per optimizer step) and ``loss.png`` in the run folder (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: Optional[int]):
+        self.path, self.png, self.enabled = run_dir / "log.csv", run_dir / "loss.png", enabled
+        self._warned = False
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        tmp = self.path.with_name(".log.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=LOG_FIELDS)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self._writer.writerow({k: _fmt(row.get(k)) for k in LOG_FIELDS})
+        self._file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+
+    def plot(self) -> Optional[Path]:
+        """Loss curve PNG from ``log.csv``; skipped with one warning if matplotlib is not installed."""
+        if not self.enabled:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            if not self._warned:
+                warnings.warn("matplotlib is not installed: no loss.png (pip install matplotlib)", stacklevel=2)
+                self._warned = True
+            return None
+        rows = read_log(self.path)
+        if not rows:
+            return None
+        steps = [r["step"] for r in rows]
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+        ax.plot(steps, [r["loss"] for r in rows], lw=0.8, alpha=0.5, label="train loss")
+        if len(rows) >= 10:
+            k = max(2, len(rows) // 50)
+            smooth = np.convolve([r["loss"] for r in rows], np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1:], smooth, lw=1.6, label=f"train loss ({k}-step mean)")
+        val = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
+        if val:
+            ax.plot(*zip(*val), "o-", ms=4, label="validation loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats / target token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.png.with_name(".loss.png.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, self.png)
+        return self.png
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def read_log(path) -> list[dict]:
+    """``log.csv`` as dicts of numbers (``None`` for empty cells)."""
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row = {}
+            for k, v in r.items():
+                row[k] = None if v == "" else (int(v) if k in ("step", "tokens") else float(v))
+            out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+def train(args) -> dict:
+    """Run (or resume) a training run described by the parsed CLI ``args``; return a summary dict."""
+    info = setup_distributed(args.device)
+    try:
+        return _train(args, info)
+    finally:
+        if info.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, info: DistInfo) -> dict:
+    def log(msg: str) -> None:
+        if info.main and not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    run_dir = Path(args.output_dir)
+    precision = resolve_precision(args.precision, info.device)
+    max_tokens = parse_count(args.max_tokens)
+    G = args.batch_size
+    per_rank, rem = divmod(G, info.world)
+    if rem or per_rank % args.micro_batch_size:
+        raise ValueError(f"--batch-size {G} must be a multiple of world size {info.world} x --micro-batch-size "
+                         f"{args.micro_batch_size}")
+    accum = per_rank // args.micro_batch_size
+    total_steps = max_tokens // (args.seq_len * G)
+    if total_steps < 1:
+        raise ValueError(f"--max-tokens {args.max_tokens} is less than one batch ({G} x {args.seq_len} tokens)")
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(round(0.03 * total_steps))
+    stop_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+
+    # run folder and resume point
+    ckpt = None
+    record = _args_record(args)
+    args_path = run_dir / "training_args.json"
+    if args.resume:
+        ckpt = Path(args.resume) if args.resume != "latest" else latest_checkpoint(run_dir)
+        if ckpt is not None and not (ckpt / "trainer_state.pt").is_file():
+            raise FileNotFoundError(f"{ckpt}: not a checkpoint (no trainer_state.pt)")
+        if args_path.is_file():
+            check_resume_args(json.loads(args_path.read_text())["args"], record)
+        if ckpt is None:
+            log(f"--resume: no checkpoint in {run_dir}; starting from scratch")
+    elif checkpoint_dirs(run_dir) and not args.overwrite:
+        raise FileExistsError(f"{run_dir} already holds checkpoints; pass --resume to continue or --overwrite")
+
+    log("command: " + " ".join(["ligerfx", "train"] + [_quote(a) for a in getattr(args, "argv", [])]))
+    t_setup = time.time()
+    model, tokenizer, liger_cfg, n_lora = build_model(args, info)
+    bare = model
+    n_train = sum(p.numel() for p in bare.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in bare.parameters())
+    log(f"model {args.model}: {n_lora} LoRA-wrapped projections, {n_train:,} trainable of {n_all:,} parameters "
+        f"({100 * n_train / n_all:.3f}%); {len(_ligerfx_fn('sites')(bare))} Liger sites; device {info.device}, "
+        f"precision {precision}, world {info.world}")
+
+    stream, val = build_data(args, tokenizer, total_chunks=total_steps * G, log=log)
+    keep_arg = "logits_to_keep" in inspect.signature(bare.forward).parameters
+
+    params = [p for p in bare.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, args, info.device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, args.min_lr_ratio))
+    start_step = 0
+    tokens_seen = 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, bare, optimizer, scheduler, info)
+        if state["chunks_consumed"] != state["step"] * G or state["total_steps"] != total_steps:
+            raise ValueError(f"{ckpt}: data position / schedule do not match this run's batch size and budget")
+        start_step, tokens_seen = state["step"], state["tokens"]
+        log(f"resumed from {ckpt} at step {start_step} ({tokens_seen:,} tokens)")
+
+    if info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            meta = {
+                "args": record,
+                "liger_config": liger_cfg.to_dict(),
+                "derived": {"total_steps": total_steps, "warmup_steps": warmup, "grad_accum": accum,
+                            "world_size": info.world, "global_batch_tokens": G * args.seq_len,
+                            "precision": precision, "lora_modules": n_lora, "trainable_params": n_train},
+                "versions": _versions(),
+            }
+            _write_text_atomic(args_path, json.dumps(meta, indent=2) + "\n")
+    _barrier(info)
+    runlog = RunLog(run_dir, info.main, start_step if ckpt is not None else None)
+
+    if info.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            bare, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    # RNG last: everything above is rebuilt identically on resume; the loop continues the saved streams
+    if ckpt is not None:
+        restore_rng(ckpt, info, args.seed, log)
+    else:
+        _reseed(args.seed + 7919 * (1 + info.rank))
+    log(f"setup {time.time() - t_setup:.1f}s; {total_steps} steps x {G} x {args.seq_len} tokens "
+        f"(grad accum {accum}, warmup {warmup}), stopping at step {stop_step}")
+
+    progress = None
+    if info.main and not args.quiet and not args.no_progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    t_start, last_val = time.time(), None
+    step_tps = None
+    step = start_step
+    summary_loss = None
+    while step < stop_step:
+        t0 = time.time()
+        base = step * G + info.rank * per_rank
+        micro = [list(range(base + j * args.micro_batch_size, base + (j + 1) * args.micro_batch_size))
+                 for j in range(accum)]
+        batches = [_batch(stream, idx, info.device) for idx in micro]
+        n_local = sum(_n_targets(lab) for _, lab in batches)
+        (n_global,) = _all_reduce([float(n_local)], info)
+        scale = info.world / max(n_global, 1.0)
+        ce_tot = kl_tot = 0.0
+        for j, (ids, labels) in enumerate(batches):
+            sync = contextlib.nullcontext() if (not info.ddp or j == accum - 1) else model.no_sync()
+            with sync:
+                ce, kl = micro_step_loss(model, bare, ids, labels, keep_arg=keep_arg, distill=args.distill,
+                                         temperature=args.distill_temperature, device=info.device,
+                                         precision=precision)
+                loss = (ce + args.distill_weight * kl) * scale if args.distill else ce * scale
+                loss.backward()
+            ce_tot += ce.item()
+            kl_tot += kl.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")).item()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        ce_tot, kl_tot = _all_reduce([ce_tot, kl_tot], info)
+        ce_mean, kl_mean = ce_tot / max(n_global, 1.0), kl_tot / max(n_global, 1.0)
+        loss_mean = ce_mean + (args.distill_weight * kl_mean if args.distill else 0.0)
+        tokens_seen += G * args.seq_len
+        dt = time.time() - t0
+        tps = G * args.seq_len / max(dt, 1e-9)
+        step_tps = tps if step_tps is None else 0.9 * step_tps + 0.1 * tps
+
+        val_loss = None
+        if val and (step == stop_step and stop_step == total_steps or
+                    (args.eval_every and step % args.eval_every == 0)):
+            val_loss = evaluate(bare, val, info, precision, keep_arg)
+            last_val = val_loss
+        runlog.write({"step": step, "tokens": tokens_seen, "epoch": round(stream.epochs(step * G), 4),
+                      "loss": loss_mean, "ce": ce_mean, "kl": kl_mean if args.distill else None, "lr": lr,
+                      "grad_norm": grad_norm, "tokens_per_s": round(tps, 1),
+                      "elapsed_s": round(time.time() - t_start, 3), "val_loss": val_loss})
+        summary_loss = loss_mean
+        if progress is not None:
+            post = {"loss": f"{loss_mean:.4f}", "tok/s": f"{step_tps:,.0f}", "lr": f"{lr:.2e}"}
+            if last_val is not None:
+                post["val"] = f"{last_val:.4f}"
+            progress.set_postfix(post, refresh=False)
+            progress.update(1)
+
+        if not math.isfinite(loss_mean):
+            raise FloatingPointError(f"step {step}: loss is {loss_mean}; stopping (last checkpoint kept)")
+        if (args.save_every and step % args.save_every == 0) or step == stop_step:
+            state = {"step": step, "tokens": tokens_seen, "chunks_consumed": step * G, "total_steps": total_steps}
+            save_checkpoint(run_dir, bare, optimizer, scheduler, state, info, keep=args.keep_checkpoints)
+            runlog.plot()
+
+    if progress is not None:
+        progress.close()
+    runlog.close()
+    finished = step >= total_steps
+    summary = {"steps": step, "total_steps": total_steps, "tokens": tokens_seen, "final_loss": summary_loss,
+               "val_loss": last_val, "finished": finished, "wall_s": round(time.time() - t_start, 1)}
+    if info.device.type == "cuda":
+        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(info.device) / 2**30, 2)
+    if info.main:
+        if finished:
+            save_adapter(bare, run_dir)
+            _write_text_atomic(run_dir / "ligerfx_config.json", json.dumps(liger_cfg.to_dict(), indent=2) + "\n")
+        _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        runlog.plot()
+        log(f"{'finished' if finished else 'stopped'} at step {step}/{total_steps}: loss {summary_loss}, "
+            f"val {last_val}; run folder {run_dir}")
+    _barrier(info)
+    return summary
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for mod in ("transformers", "peft", "ligerfx"):
+        try:
+            out[mod] = importlib.import_module(mod).__version__
+        except Exception:  # noqa: BLE001 - informational only
+            pass
+    return out
+
+
+def _quote(a: str) -> str:
+    return a if a and all(c.isalnum() or c in "-_./:=,@+" for c in a) else json.dumps(a)
