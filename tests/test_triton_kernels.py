@@ -1,0 +1,205 @@
+"""Triton kernels (run by Triton's CPU interpreter, fp32) against their plain-PyTorch twins in ``kernels/*/naive.py``.
+
+``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before triton is imported. Shapes are tiny: the interpreter runs each
+program's block operations through numpy. Every buffer the kernels allocate is NaN-poisoned, so an element a kernel
+forgets to write fails the comparison.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+
+import ligerfx  # noqa: E402,F401  (registers the ops)
+from ligerfx.kernels import triton_impls  # noqa: E402
+from ligerfx.kernels.gla import chunk, recurrent  # noqa: E402
+from ligerfx.kernels.gla import naive as gla_naive  # noqa: E402
+from ligerfx.kernels.swa import naive as swa_naive  # noqa: E402
+from ligerfx.kernels.swa import window  # noqa: E402
+
+TOL = 1e-4
+
+
+def rel(a, b):
+    assert not torch.isnan(a).any(), "NaN (unwritten or overflowed element)"
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def nan_poison(monkeypatch):
+    """torch.empty / empty_like / new_empty return NaN-filled (float) tensors."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def poison(x):
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: poison(new_empty(self, *a, **kw)))
+
+
+# ------------------------------------------------------------------------------------------------------------ GLA
+def gla_inputs(B=1, HKV=1, G=1, T=7, K=16, V=16, strong=False, h0=True):
+    q = torch.randn(B, HKV * G, T, K).softmax(-1)
+    k = torch.randn(B, HKV, T, K).softmax(-1)
+    v = torch.randn(B, HKV, T, V)
+    x = torch.randn(B, HKV, T, K) * (8 if strong else 1)
+    g = F.logsigmoid(x) / (1 if strong else 16)
+    return q, k, v, g, (torch.randn(B, HKV, K, V) if h0 else None)
+
+
+def check_gla(q, k, v, g, h0, with_dht=True):
+    o, hT = chunk.chunk_gla_fwd(q, k, v, g, h0)
+    o_ref, hT_ref = gla_naive.gla_fwd_recurrent(q, k, v, g, h0)
+    assert o.dtype == hT.dtype == torch.float32
+    assert rel(o, o_ref) < TOL and rel(hT, hT_ref) < TOL
+    do = torch.randn_like(o_ref)
+    dhT = torch.randn_like(hT_ref) if with_dht else None
+    grads = chunk.chunk_gla_bwd(q, k, v, g, h0, do, dhT)
+    refs = gla_naive.gla_bwd_chunked(q, k, v, g, h0, do, dhT)
+    for name, a, b in zip("dq dk dv dg dh0".split(), grads, refs):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert rel(a, b) < TOL, name
+
+
+@pytest.mark.parametrize("T,G,h0", [(1, 1, True), (7, 2, False), (7, 4, True), (63, 1, True), (63, 4, False),
+                                    (65, 2, True), (65, 1, False)])
+def test_gla_chunk_matches_naive(T, G, h0):
+    check_gla(*gla_inputs(B=2 if T < 64 else 1, HKV=2 if G < 4 else 1, G=G, T=T, h0=h0))
+
+
+def test_gla_chunk_strong_gates_many_chunks():
+    """Gates down to about -20 per token over three chunks: every exponent must stay <= 0 (no inf, no NaN)."""
+    check_gla(*gla_inputs(T=150, K=16, V=16, strong=True), with_dht=False)
+
+
+def test_gla_chunk_split_head_dims():
+    """Head dims that are no power of two and span two K blocks (BK = 64)."""
+    check_gla(*gla_inputs(T=20, K=80, V=24, G=2))
+
+
+def test_gla_chunk_padded_tokens():
+    """Left padding (k = v = 0, g = 0) leaves the state untouched: valid rows equal the unpadded run."""
+    q, k, v, g, h0 = gla_inputs(B=2, T=30, G=2)
+    pad = 9
+    for x in (k, v, g):
+        x[1, :, :pad] = 0
+    o, hT = chunk.chunk_gla_fwd(q, k, v, g, h0)
+    o1, hT1 = chunk.chunk_gla_fwd(q[1:, :, pad:], k[1:, :, pad:], v[1:, :, pad:], g[1:, :, pad:], h0[1:])
+    assert rel(o[1:, :, pad:], o1) < TOL and rel(hT[1:], hT1) < TOL
+    check_gla(q, k, v, g, h0)
+
+
+@pytest.mark.parametrize("T,G,h0", [(1, 1, True), (1, 4, False), (3, 2, True)])
+def test_gla_recurrent_matches_naive(T, G, h0):
+    q, k, v, g, h0 = gla_inputs(B=2, HKV=2, G=G, T=T, K=32, V=24, h0=h0)
+    o, hT = recurrent.recurrent_gla_fwd(q, k, v, g, h0)
+    o_ref, hT_ref = gla_naive.gla_fwd_recurrent(q, k, v, g, h0)
+    assert rel(o, o_ref) < TOL and rel(hT, hT_ref) < TOL
+
+
+def test_gla_custom_op_autograd_with_triton():
+    """torch.ops.ligerfx.gla_fwd + autograd routed through the Triton kernels (T above the recurrent cut-off)."""
+    q, k, v, g, h0 = gla_inputs(HKV=2, G=2, T=recurrent.MAX_T + 5, strong=True)
+    do, dht = torch.randn(1, 4, q.shape[2], 16), torch.randn(1, 2, 16, 16)
+    grads = []
+    for use_triton in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+        with triton_impls.on_cpu() if use_triton else torch.enable_grad():
+            o, hT = torch.ops.ligerfx.gla_fwd(*leaves)
+            ((o * do).sum() + (hT * dht).sum()).backward()
+        grads.append([x.grad for x in leaves] + [o.detach(), hT.detach()])
+    for name, a, b in zip("q k v g h0 o hT".split(), grads[1], grads[0]):
+        assert rel(a, b) < TOL, name
+
+
+# ------------------------------------------------------------------------------------------------------------ SWA
+def swa_inputs(B=2, HKV=2, G=2, TQ=40, TK=40, D=8, V=6, left=(0, 5), right=(0, 0)):
+    """Positions 0.. after ``left[b]`` padded slots and before ``right[b]`` empty ones; queries = the last TQ keys."""
+    q = torch.randn(B, HKV * G, TQ, D)
+    k = torch.randn(B, HKV, TK, D)
+    v = torch.randn(B, HKV, TK, V)
+    k_pos = torch.full((B, TK), -1, dtype=torch.long)
+    for b in range(B):
+        k_pos[b, left[b]:TK - right[b]] = torch.arange(TK - left[b] - right[b])
+    return q, k, v, k_pos[:, TK - TQ:].contiguous(), k_pos
+
+
+def check_swa(q, k, v, q_pos, k_pos, scale, w, s):
+    o, lse = window.swa_fwd(q, k, v, q_pos, k_pos, scale, w, s)
+    o_ref, lse_ref = swa_naive.swa_fwd(q, k, v, q_pos, k_pos, scale, w, s)
+    assert o.dtype == q.dtype and lse.dtype == torch.float32
+    assert rel(o, o_ref) < TOL
+    seen = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), seen) and rel(lse[seen], lse_ref[seen]) < TOL
+    assert torch.all(o[~seen] == 0)
+    do = torch.randn_like(o)
+    grads = window.swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale, w, s)
+    refs = swa_naive.swa_bwd(q, k, v, q_pos, k_pos, o_ref, lse_ref, do, scale, w, s)
+    for name, a, b in zip("dq dk dv".split(), grads, refs):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert rel(a, b) < TOL, name
+
+
+@pytest.mark.parametrize("window_,sinks", [(4, 0), (64, 0), (4, 3), (64, 3)])
+@pytest.mark.parametrize("G,TQ", [(1, 40), (2, 9), (4, 1)])
+def test_swa_matches_naive(window_, sinks, G, TQ):
+    check_swa(*swa_inputs(G=G, TQ=TQ), 0.3, window_, sinks)
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_swa_long_padded_both_ends(sinks):
+    """Several key blocks (most skipped), left padding, empty cache slots at the end, queries shorter than keys."""
+    q, k, v, q_pos, k_pos = swa_inputs(B=2, HKV=1, G=2, TQ=150, TK=300, D=16, V=16, left=(3, 70), right=(0, 20))
+    check_swa(q, k, v, q_pos, k_pos, 0.25, 5, sinks)
+
+
+def test_swa_block_ranges_cover_band_and_skip():
+    """Device-side block ranges: every visible (query, key) pair is covered, and far blocks are skipped."""
+    q, k, v, q_pos, k_pos = swa_inputs(B=2, TQ=500, TK=520, left=(0, 37), right=(13, 0))
+    for w, s in [(4, 0), (64, 3), (100, 0)]:
+        vis = swa_naive.visible(q_pos, k_pos, w, s)  # [B, TQ, TK]
+        BM = 16
+        rng = window._key_ranges(q_pos, k_pos, w, s, BM)
+        j = torch.arange(k_pos.shape[1])
+        for b in range(2):
+            for i in range(q_pos.shape[1]):
+                lo, hi, sink = rng[b, i // BM].tolist()
+                covered = (j < sink) | ((j >= lo) & (j < hi))
+                assert not (vis[b, i] & ~covered).any()
+        assert (rng[..., 1] - rng[..., 0]).max() <= BM + w + 1
+        BN = 32
+        rng = window._query_ranges(q_pos, k_pos, w, s, BN)
+        i = torch.arange(q_pos.shape[1])
+        for b in range(2):
+            for jj in range(k_pos.shape[1]):
+                lo, hi = rng[b, jj // BN].tolist()
+                assert not (vis[b, :, jj] & ~((i >= lo) & (i < hi))).any()
+
+
+def test_swa_custom_op_autograd_with_triton():
+    q, k, v, q_pos, k_pos = swa_inputs(G=2, TQ=20)
+    do = torch.randn(2, 4, 20, 6)
+    grads = []
+    for use_triton in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        with triton_impls.on_cpu() if use_triton else torch.enable_grad():
+            o, _ = torch.ops.ligerfx.swa_fwd(*leaves, q_pos, k_pos, 0.3, 4, 3)
+            (o * do).sum().backward()
+        grads.append([x.grad for x in leaves] + [o.detach()])
+    for name, a, b in zip("q k v o".split(), grads[1], grads[0]):
+        assert rel(a, b) < TOL, name
+
+
+def test_register_is_explicit():
+    """Importing the kernels registers nothing for CPU; on_cpu() restores the previous table."""
+    from ligerfx import ops
+    assert "cpu" not in ops._IMPLS["gla_fwd"]
+    with triton_impls.on_cpu():
+        assert ops._IMPLS["gla_fwd"]["cpu"] is triton_impls.gla_fwd
+    assert "cpu" not in ops._IMPLS["gla_fwd"]
