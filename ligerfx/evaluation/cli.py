@@ -1,0 +1,188 @@
+"""``ligerfx eval``: score the teacher, a linearized model, or a linearized model + adapter with lm-eval-harness.
+
+Examples::
+
+    ligerfx eval --model gemma-3-270m --limit 50 --out runs/eval-teacher
+    ligerfx eval --model gemma-3-270m --variant gla --mix 0.5 --limit 50
+    ligerfx eval --model gemma-3-270m --variant gla --adapter runs/lora --tasks piqa,arc_easy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .tasks import DEFAULT_TASKS, MAIN_METRIC, TASKS, default_data_dir
+
+CHECKS = ("lm_eval", "generate", "consistency")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gemma-3-270m",
+                   help="local HF dir, .gguf file, a dir saved by ligerfx, or 'gemma-3-270m' (default)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the local data sets (default: ../shared/data relative to the repo)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="examples per task (int) or fraction (<1) for quick runs; also caps the generation check")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=2048, help="lm-eval context length (rolling windows)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--softmax-dtype", default=None, help="lm-eval's softmax dtype (e.g. float32 with --dtype bf16)")
+    g = p.add_argument_group("transform (omit --variant to evaluate the unchanged teacher)")
+    g.add_argument("--variant", choices=("gla", "swa_sinks"), default=None)
+    g.add_argument("--mix", type=float, default=None)
+    g.add_argument("--window", type=int, default=None)
+    g.add_argument("--sinks", type=int, default=None)
+    g.add_argument("--gate-normalizer", type=float, default=None)
+    g.add_argument("--layers", default=None, help="comma-separated decoder-layer indices to linearize")
+    g.add_argument("--only-full-attention", action="store_true")
+    p.add_argument("--adapter", default=None, help="adapter dir, loaded with ligerfx.load_adapter(model, dir)")
+    p.add_argument("--checks", default=",".join(CHECKS),
+                   help="comma-separated subset of lm_eval,generate,consistency (default: all)")
+    p.add_argument("--gen-limit", type=int, default=None,
+                   help="LAMBADA items for the generate() check (default: --limit, else 500)")
+    p.add_argument("--consistency-texts", type=int, default=4)
+    p.add_argument("--consistency-tokens", type=int, default=256)
+    p.add_argument("--out", default=None, help="output folder (default runs/eval-<label>-<time>)")
+    p.add_argument("--label", default=None, help="name of this run in the table (default: teacher/variant)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _split(s):
+    return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+def liger_config_from_args(args):
+    """LigerConfig from the --variant/--mix/... flags (None when --variant is absent)."""
+    if args.variant is None:
+        extra = [n for n in ("mix", "window", "sinks", "gate_normalizer", "layers") if getattr(args, n) is not None]
+        if extra or args.only_full_attention:
+            raise SystemExit(f"--{extra[0].replace('_', '-') if extra else 'only-full-attention'} needs --variant")
+        return None
+    from ligerfx import LigerConfig
+
+    kw = {"variant": args.variant}
+    for n in ("mix", "window", "sinks", "gate_normalizer"):
+        if getattr(args, n) is not None:
+            kw[n] = getattr(args, n)
+    if args.layers:
+        kw["layers"] = [int(i) for i in _split(args.layers)]
+    if args.only_full_attention:
+        kw["only_full_attention"] = True
+    return LigerConfig(**kw)
+
+
+def build_model(args):
+    """Load the model, apply the transform and the adapter as asked; return (model, tokenizer, meta)."""
+    import ligerfx
+    from ligerfx.models import load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    meta = {"spec": args.model, "dtype": str(next(model.parameters()).dtype), "class": type(model).__name__}
+    cfg = liger_config_from_args(args)
+    if cfg is not None:
+        transform = getattr(ligerfx, "transform", None)
+        if transform is None:
+            raise SystemExit("this ligerfx build has no ligerfx.transform(); cannot evaluate --variant")
+        model = transform(model, passes=["linearize"], config=cfg)
+        model.eval()
+        meta["transform"] = cfg.to_dict()
+    if args.adapter:
+        load_adapter = getattr(ligerfx, "load_adapter", None)
+        if load_adapter is None:
+            raise SystemExit("this ligerfx build has no ligerfx.load_adapter(); cannot use --adapter")
+        if not Path(args.adapter).is_dir():
+            raise SystemExit(f"--adapter {args.adapter}: not a directory")
+        ret = load_adapter(model, args.adapter)
+        if ret is not None:  # tolerate both in-place and returning implementations
+            model = ret
+        model.eval()
+        meta["adapter"] = str(args.adapter)
+    return model, tok, meta
+
+
+def run(args) -> int:
+    import torch
+
+    from . import harness
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = _split(args.tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        print(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    checks = _split(args.checks)
+    bad = [c for c in checks if c not in CHECKS]
+    if bad:
+        print(f"unknown check(s) {bad}; known: {', '.join(CHECKS)}", file=sys.stderr)
+        return 2
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if not data_dir.is_dir():
+        print(f"data dir {data_dir} not found (pass --data-dir)", file=sys.stderr)
+        return 2
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+
+    model, tok, meta = build_model(args)
+    label = args.label or (
+        "teacher" if "transform" not in meta else f"{args.variant}-mix{meta['transform'].get('mix')}"
+    ) + ("+adapter" if args.adapter else "")
+    out_dir = Path(args.out) if args.out else Path("runs") / f"eval-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    report = {
+        "label": label,
+        "model": meta,
+        "limit": limit,
+        "data_dir": str(data_dir),
+        "command": "ligerfx eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),
+        "environment": harness.environment(),
+        "tasks": {},
+    }
+
+    def save():
+        paths = harness.write_report(report, out_dir)
+        return paths
+
+    if "lm_eval" in checks and tasks:
+        t0 = time.time()
+        lm_kwargs = {}
+        if args.softmax_dtype:
+            lm_kwargs["softmax_dtype"] = args.softmax_dtype
+        lm = harness.make_lm(model, tok, batch_size=args.batch_size, max_length=args.max_length, **lm_kwargs)
+        out = harness.run_lm_eval(model, tok, tasks, data_dir=data_dir, limit=limit, batch_size=args.batch_size,
+                                  max_length=args.max_length, lm=lm)
+        report["tasks"] = harness.summarize(out)
+        report["lm_eval_seconds"] = time.time() - t0
+        report["lm_eval_task_dir"] = out.get("ligerfx_task_dir")
+        report["lm_eval_versions"] = out.get("versions")
+        save()
+    if "generate" in checks:
+        n = args.gen_limit if args.gen_limit is not None else (limit if isinstance(limit, int) else 500)
+        report["generation"] = harness.lambada_generate(model, tok, data_dir=data_dir, limit=n)
+        save()
+    if "consistency" in checks:
+        report["decode_consistency"] = harness.decode_consistency(
+            model, tok, data_dir=data_dir, n_texts=args.consistency_texts, max_tokens=args.consistency_tokens
+        )
+    paths = save()
+    print(harness.markdown_table(report))
+    print(f"wrote {paths['json']} and {paths['markdown']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="ligerfx eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
