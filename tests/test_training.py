@@ -1,0 +1,198 @@
+"""``ligerfx train`` end to end on CPU: a tiny random Llama with an offline word-level tokenizer."""
+import json
+import lzma
+import re
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ligerfx.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ligerfx.training import cli
+from ligerfx.training.data import (IGNORE_INDEX, ChunkStream, DataError, Record, Source, alpaca_prompt,
+                                   parse_count, read_records, tokenize_records)
+from ligerfx.training.trainer import read_log
+
+RECORDS = [
+    {"instruction": "what color is the cat", "input": "", "output": "the cat is red"},
+    {"instruction": "what color is the dog", "input": "", "output": "the dog is blue"},
+    {"instruction": "name the animal", "input": "a small cat sat on the mat", "output": "cat"},
+    {"instruction": "count to three", "input": "", "output": "one two three"},
+]
+
+
+def write_jsonl(path, rows):
+    opener = lzma.open if str(path).endswith(".xz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def build_tokenizer(texts):
+    words = sorted({w for t in texts for w in t.split()})
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A model folder (tiny random Llama + tokenizer) and a repeated 4-record Alpaca file."""
+    root = tmp_path_factory.mktemp("train")
+    texts = [alpaca_prompt(r["instruction"], r["input"]) + " " + r["output"] for r in RECORDS]
+    tokenizer = build_tokenizer(texts)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model_dir = root / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = write_jsonl(root / "alpaca.jsonl.xz", RECORDS * 8)
+    return {"root": root, "model": str(model_dir), "data": str(data), "tokenizer": tokenizer}
+
+
+def train(workdir, out, *extra):
+    argv = ["--model", workdir["model"], "--data", workdir["data"], "-o", str(out), "--seq-len", "48",
+            "--batch-size", "2", "--micro-batch-size", "1", "--lr", "2e-2", "--warmup-steps", "1",
+            "--val-samples", "4", "--eval-every", "3", "--quiet", *extra]
+    return cli.main(argv)
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_log(run_dir / "log.csv")]
+
+
+def test_loss_decreases_and_run_folder(workdir, tmp_path):
+    out = tmp_path / "run"
+    assert train(workdir, out, "--max-tokens", str(10 * 2 * 48), "--lr", "5e-2") == 0
+    curve = losses(out)
+    assert len(curve) == 10
+    assert np.mean(curve[-3:]) < 0.8 * curve[0], curve
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "training_args.json", "log.csv", "summary.json",
+                 "ligerfx_config.json"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "training_args.json").read_text())
+    assert meta["derived"]["total_steps"] == 10 and meta["liger_config"]["lora"]["r"] == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] and summary["val_loss"] is not None
+
+
+def test_resume_reproduces_uninterrupted_run(workdir, tmp_path):
+    budget = str(6 * 2 * 48)
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert train(workdir, full, "--max-tokens", budget, "--lora-dropout", "0.1", "--save-every", "4") == 0
+    assert train(workdir, split, "--max-tokens", budget, "--lora-dropout", "0.1", "--save-every", "4",
+                 "--max-steps", "2") == 0
+    assert (split / "checkpoint-0000002").is_dir() and not (split / ADAPTER_WEIGHTS).exists()
+    assert len(losses(split)) == 2
+    with pytest.raises(FileExistsError):
+        train(workdir, split, "--max-tokens", budget, "--lora-dropout", "0.1", "--save-every", "4")
+    with pytest.raises(ValueError, match="lr"):
+        train(workdir, split, "--max-tokens", budget, "--lora-dropout", "0.1", "--resume", "--lr", "1e-3")
+    assert train(workdir, split, "--max-tokens", budget, "--lora-dropout", "0.1", "--save-every", "4",
+                 "--resume") == 0
+
+    a, b = read_log(full / "log.csv"), read_log(split / "log.csv")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6, (ra, rb)
+        assert (ra["val_loss"] is None) == (rb["val_loss"] is None)
+        if ra["val_loss"] is not None:
+            assert abs(ra["val_loss"] - rb["val_loss"]) <= 1e-6
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(full / ADAPTER_WEIGHTS)), load_file(str(split / ADAPTER_WEIGHTS))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+def test_distill_and_mix_data(workdir, tmp_path):
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "the cat sat on the mat"}] * 20)
+    out = tmp_path / "run"
+    assert train(workdir, out, "--max-tokens", str(2 * 2 * 48), "--distill", "--distill-weight", "0.5",
+                 "--mix-data", f"{text}:0.5") == 0
+    rows = read_log(out / "log.csv")
+    assert len(rows) == 2
+    for r in rows:
+        assert r["kl"] is not None and r["kl"] >= 0
+        assert r["loss"] == pytest.approx(r["ce"] + 0.5 * r["kl"], rel=1e-6)
+
+
+def test_malformed_line_names_file_and_line(workdir, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [RECORDS[0], RECORDS[1], '{"instruction": "x", "output": 3}'])
+    out = tmp_path / "run"
+    assert train(workdir, out, "--data", str(bad), "--max-tokens", "96") == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:3: field 'output' must be a string" in err
+    assert not (out / "log.csv").exists()  # failed before training started
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"instruction": "x", "output": "y"', "invalid JSON"),
+    ('["instruction"]', "expected a JSON object"),
+    ('{"instruction": "x"}', "field 'output' missing"),
+    ('{"instruction": " ", "output": "y"}', "field 'instruction' is empty"),
+    ('{"question": "x"}', "unknown record type"),
+])
+def test_read_records_errors(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "d.jsonl.xz", [RECORDS[0], "", line] if "question" not in line else [line])
+    lineno = 3 if "question" not in line else 1
+    with pytest.raises(DataError, match=re.escape(f"d.jsonl.xz:{lineno}: {message}")):
+        read_records(path)
+
+
+def test_mix_data_schema_mismatch(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"prompt": "p", "completion": "c"}])
+    with pytest.raises(DataError, match="t.jsonl:2: field 'text' missing"):
+        read_records(path)
+
+
+def test_samples_labels_and_packing(workdir, tmp_path):
+    tok = workdir["tokenizer"]
+    schema, records = read_records(workdir["data"])
+    assert schema == "alpaca" and len(records) == 32
+    assert records[2].prompt.endswith("### Input:\na small cat sat on the mat\n\n### Response:\n")
+    ids, labels = tokenize_records(records[:1], tok)[0]
+    response = tok("the cat is red", add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    n_resp = len(response) + 1
+    assert list(ids[-n_resp:-1]) == response
+    assert (labels[:-n_resp] == IGNORE_INDEX).all() and list(labels[-n_resp:]) == list(ids[-n_resp:])
+
+    # T0-style completion: the <|endoftext|> marker is dropped, the tokenizer's EOS appended instead
+    t0 = write_jsonl(tmp_path / "t0.jsonl", [{"template": "x", "prompt": "count to", "completion": "three<|endoftext|>"}])
+    schema, (rec,) = read_records(t0)
+    assert schema == "prompt_completion" and rec == Record("count to", "three")
+    ids, labels = tokenize_records([rec], tok)[0]
+    assert len(ids) == 5 and list(labels) == [IGNORE_INDEX] * 3 + list(ids[3:])
+
+    samples = tokenize_records(records, tok)
+    src = Source("d", samples, seq_len=16, seed=0)
+    assert src.chunks_per_epoch == sum(len(s[0]) for s in samples) // 16
+    a0, a1 = src.chunk(0), src.chunk(src.chunks_per_epoch)  # epoch 0 and epoch 1 are shuffled differently
+    assert a0[0].shape == (16,) and not np.array_equal(a0[0], a1[0])
+    assert np.array_equal(Source("d", samples, 16, 0).chunk(5)[0], src.chunk(5)[0])  # deterministic
+
+
+def test_chunk_stream_mix():
+    def src(name, token):
+        return Source(name, [(np.full(10, token, np.int32), np.full(10, token, np.int32))] * 10, 5, 0)
+
+    stream = ChunkStream([src("a", 1), src("b", 2)], [0.75, 0.25], total_chunks=4000, seed=0)
+    share = float(np.mean([stream.get(i)[0][0] == 2 for i in range(4000)]))
+    assert 0.22 < share < 0.28
+    assert stream.epochs(4000) == pytest.approx((stream.source_of == 0).sum() / 20)
+
+
+def test_parse_count():
+    assert parse_count("20M") == 20_000_000
+    assert parse_count("500k") == 500_000
+    assert parse_count("1.5M") == 1_500_000
+    assert parse_count("4096") == 4096
+    with pytest.raises(ValueError):
+        parse_count("lots")
