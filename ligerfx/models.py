@@ -126,7 +126,39 @@ def load_model(
             model = model.to(torch_dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(directory), **model_kwargs)
+    if gguf is not None:
+        _forget_dequantized_gguf(model)
     if device is not None:
         model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _forget_dequantized_gguf(model) -> None:
+    """Make a fully dequantized GGUF model a plain float model.
+
+    transformers keeps its ``GgufHfQuantizer`` on the model even when every weight was dequantized into ordinary
+    ``nn.Linear`` layers (no GGUF matmul kernel on CPU); the quantizer then marks the model as not trainable and
+    not serializable. When no packed GGUF module is left, drop it so that LoRA training and ``save_pretrained``
+    treat the model like any float checkpoint.
+    """
+    if any("gguf" in type(m).__name__.lower() for m in model.modules()):
+        return  # weights really are packed: keep the quantizer
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized",):
+        if getattr(model, attr, False):
+            try:
+                setattr(model, attr, False)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        try:
+            del model.config.quantization_config
+        except AttributeError:
+            model.config.quantization_config = None
+    if getattr(model, "quantization_method", None) is not None:
+        try:
+            model.quantization_method = None
+        except AttributeError:
+            pass

@@ -96,6 +96,11 @@ def build_model(args):
     if args.adapter:
         load_adapter = getattr(ligerfx, "load_adapter", None)
         if load_adapter is None:
+            try:
+                from ligerfx.adapters import load_adapter
+            except ImportError:
+                load_adapter = None
+        if load_adapter is None:
             raise SystemExit("this ligerfx build has no ligerfx.load_adapter(); cannot use --adapter")
         if not Path(args.adapter).is_dir():
             raise SystemExit(f"--adapter {args.adapter}: not a directory")

