@@ -122,6 +122,7 @@ def linearize_graph(ep: torch.export.ExportedProgram, module: torch.nn.Module, w
         if n.op == "placeholder" and n.name in params:
             n.meta["ligerfx_param"] = params[n.name].removeprefix("attn.")
 
+    n_before = len(graph.nodes)
     cores = find_cores(graph, where)
     if not cores:
         raise UnsupportedAttentionError(f"{where}: no softmax attention (scaled_dot_product_attention or "
@@ -179,6 +180,9 @@ def linearize_graph(ep: torch.export.ExportedProgram, module: torch.nn.Module, w
     graph.eliminate_dead_code(is_impure_node=_impure)
     graph.lint()
     counters[f"linearize.{core.kind}"] += 1
+    log.debug("ligerfx linearize %s: %s attention -> liger_site; %d nodes before, %d after; q_pre=%s k_pre=%s "
+              "gate=%s v=%s q_rope=%s k_rope=%s", where, core.kind, n_before, len(graph.nodes), q_pre.name,
+              k_pre.name, gate.name, v.name, q_rope.name, k_rope.name)
     info = SiteInfo(core.kind, float(scale), HQ, HKV, int(shape(q_rope)[-1]), perms["q"], perms["k"], perms["gate"],
                     projections)
     return graph, info
