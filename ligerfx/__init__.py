@@ -8,7 +8,8 @@ from . import ops
 from .passes.patterns import UnsupportedAttentionError
 from .passes.linearize import counters
 from .api import AttentionSite, cache_nbytes, from_pretrained, sites, teacher_mode, transform
+from .adapters import load_adapter, merge_lora, save_adapter
 
 __version__ = "0.1.0"
 __all__ = ["LigerConfig", "UnsupportedAttentionError", "AttentionSite", "transform", "from_pretrained", "sites",
-           "teacher_mode", "counters", "cache_nbytes"]
+           "teacher_mode", "counters", "cache_nbytes", "save_adapter", "load_adapter", "merge_lora"]

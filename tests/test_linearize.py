@@ -243,3 +243,22 @@ def test_unmatched_attention_raises():
     model = Gemma2ForCausalLM(cfg).eval()
     with pytest.raises(ligerfx.UnsupportedAttentionError, match=r"model\.layers\.0\.self_attn.*soft-capping"):
         ligerfx.transform(model)
+
+
+def test_recapture_for_new_dtype_keeps_lora_in_the_gate():
+    """After LoRA injection and a dtype change the forward is re-derived from the graph; the LoRA on k_proj
+    still feeds the gate (pure GLA, so only the recurrent branch sees k)."""
+    model = ligerfx.transform(tiny("llama"), passes=["linearize", "lora"],
+                              config=ligerfx.LigerConfig(mix=1.0, lora={"targets": ["k"], "r": 4, "alpha": 4}))
+    ids, mask, pos = left_padded(T=24)
+    with torch.no_grad():
+        base = model(ids, attention_mask=mask, position_ids=pos).logits
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        with_lora = model(ids, attention_mask=mask, position_ids=pos).logits
+        model.double()
+        again = model(ids, attention_mask=mask, position_ids=pos).logits
+    assert not torch.allclose(base, with_lora)
+    assert (again - with_lora.double()).abs().max().item() < 1e-4
+    assert len(model.model.layers[0].self_attn._ligerfx.fns) == 2  # one derived forward per dtype

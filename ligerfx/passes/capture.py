@@ -118,7 +118,8 @@ class _Call(torch.nn.Module):
         leaves = list(self.leaves)
         for i, t in zip(self.tidx, flat):
             leaves[i] = t
-        return self.attn(**pytree.tree_unflatten(leaves, self.spec))
+        # the class forward: the instance may already carry the ligerfx forward (re-capture for a new dtype)
+        return type(self.attn).forward(self.attn, **pytree.tree_unflatten(leaves, self.spec))
 
 
 def export_attention(module: torch.nn.Module, arguments: dict[str, Any]):

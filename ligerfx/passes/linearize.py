@@ -25,6 +25,7 @@ in place of Liger), so a mis-wired graph fails at transform time, not as silentl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import types
@@ -309,6 +310,12 @@ class LinearizedAttention:
 
     def _build(self, module, dtype, device):
         args = self.call.template(dtype, device)
+        with _lora_as_base(module):
+            fn = self._rewrite(module, args)
+        self._check(module, fn, args)
+        return fn
+
+    def _rewrite(self, module, args):
         ep, paths = export_attention(module, args)
         sig = ep.graph_signature
         buffers = {**sig.inputs_to_buffers, **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
@@ -336,7 +343,6 @@ class LinearizedAttention:
         exec(compile(code.src, f"<ligerfx {self.path}>", "exec"), glb)
         fn = glb["forward"]
         log.debug("ligerfx: %s rewritten (%s):\n%s", self.path, info.kind, code.src)
-        self._check(module, fn, args)
         return fn
 
     def flat_inputs(self, arguments: dict) -> list:
@@ -384,6 +390,25 @@ class LinearizedAttention:
         if not err <= tol:
             raise UnsupportedAttentionError(f"{self.path}: the rewritten graph does not reproduce the original "
                                             f"attention (relative error {err:.2e} with softmax in place of Liger)")
+
+
+@contextlib.contextmanager
+def _lora_as_base(module: torch.nn.Module):
+    """Capture with LoRA wrappers replaced by their base ``nn.Linear``: the graph then calls e.g. ``self.k_proj``,
+    which at run time is the LoRA wrapper again (so the gate sees the LoRA delta)."""
+    swapped = []
+    for name, child in list(module.named_modules()):
+        base = getattr(child, "base_layer", None)
+        if name and isinstance(base, torch.nn.Linear) and hasattr(child, "lora_A"):
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, base)
+            swapped.append((parent, attr, child))
+    try:
+        yield
+    finally:
+        for parent, attr, child in swapped:
+            setattr(parent, attr, child)
 
 
 def _get(tree, path):
