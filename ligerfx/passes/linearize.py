@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from ..config import LigerConfig
 from .capture import PROBE_B, PROBE_T, RecordedCall, export_attention
-from .patterns import (ASSERTS, UnsupportedAttentionError, args_of, find_cores, gate_source, opname, perm_to,
+from .patterns import (ASSERTS, UnsupportedAttentionError, ancestors, descendants, find_cores, gate_source, opname, perm_to,
                        projection_of, rope_input, shape, strip_repeat_kv)
 
 log = logging.getLogger("ligerfx")
@@ -140,10 +140,10 @@ def linearize_graph(ep: torch.export.ExportedProgram, module: torch.nn.Module, w
                                         f"(query heads {HQ}, key heads {HKV}, value heads {shape(v)[1]})")
 
     # Positional inputs: every user input that the value path does not come from (cos/sin, position ids) and buffers.
-    v_anc = _ancestors(v)
+    v_anc = ancestors(v) | {v}
     sources = [n for n in user_inputs if n not in v_anc] + [n for n in graph.nodes
                                                            if n.op == "placeholder" and n.name in buffers]
-    positional = _descendants(sources)
+    positional = descendants(sources)
     try:
         q_pre, k_pre = rope_input(q_rope, positional), rope_input(k_rope, positional)
     except LookupError as e:
@@ -200,22 +200,6 @@ def _impure(n: fx.Node) -> bool:
     if n.op in ("call_module", "get_attr"):
         return False
     return n.is_impure()
-
-
-def _ancestors(n):
-    from .patterns import ancestors
-    return ancestors(n) | {n}
-
-
-def _descendants(nodes):
-    seen, stack = set(nodes), list(nodes)
-    while stack:
-        x = stack.pop()
-        for u in x.users:
-            if u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
 
 
 def _module_of(n: Optional[fx.Node]) -> str:

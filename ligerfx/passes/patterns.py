@@ -81,15 +81,24 @@ def args_of(n: fx.Node) -> dict[str, Any]:
     return {}
 
 
-def ancestors(n: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [n]
+def _reach(starts, step) -> set[fx.Node]:
+    seen, stack = set(), list(starts)
     while stack:
-        x = stack.pop()
-        for a in x.all_input_nodes:
+        for a in step(stack.pop()):
             if a not in seen:
                 seen.add(a)
                 stack.append(a)
     return seen
+
+
+def ancestors(n: fx.Node) -> set[fx.Node]:
+    """Nodes ``n`` depends on (not ``n`` itself)."""
+    return _reach([n], lambda x: x.all_input_nodes)
+
+
+def descendants(nodes) -> set[fx.Node]:
+    """``nodes`` and every node that depends on one of them."""
+    return set(nodes) | _reach(nodes, lambda x: x.users)
 
 
 def perm_to(src: tuple, dst: tuple) -> Optional[tuple[int, ...]]:
