@@ -189,6 +189,19 @@ def test_chunk_stream_mix():
     assert stream.epochs(4000) == pytest.approx((stream.source_of == 0).sum() / 20)
 
 
+def test_epoch_budget():
+    from types import SimpleNamespace
+
+    from ligerfx.training.trainer import schedule_steps
+
+    src = Source("a", [(np.zeros(10, np.int32), np.zeros(10, np.int32))] * 100, 10, 0)  # 100 chunks per epoch
+    args = SimpleNamespace(batch_size=4, seq_len=10, epochs=2.0, max_tokens="20M")
+    assert schedule_steps(args, [src], [1.0]) == 50
+    assert schedule_steps(args, [src, src], [0.5, 0.5]) == 100  # half the chunks come from the other corpus
+    args.epochs = None
+    assert schedule_steps(args, [src], [1.0]) == 20_000_000 // 40
+
+
 def test_parse_count():
     assert parse_count("20M") == 20_000_000
     assert parse_count("500k") == 500_000

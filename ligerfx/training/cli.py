@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimization")
     g.add_argument("--max-tokens", type=_count, default="20M",
                    help="token budget (chunk tokens, all ranks); sets the schedule length; K/M/G suffixes [20M]")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="budget in epochs of --data instead of --max-tokens (the paper: 2 epochs of Alpaca)")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this optimizer step (the schedule still spans --max-tokens); resume later")
     g.add_argument("--batch-size", type=int, default=8, help="global batch in sequences [8]")

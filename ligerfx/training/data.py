@@ -20,10 +20,9 @@ from __future__ import annotations
 import bz2
 import json
 import lzma
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -268,9 +267,3 @@ def parse_count(text) -> int:
     if value < 0 or value != value:
         raise ValueError(f"{text!r}: must be >= 0")
     return int(round(value))
-
-
-def data_fingerprint(path) -> dict:
-    """Size and mtime of a data file (a resumed run checks it reads the same files)."""
-    st = os.stat(path)
-    return {"path": str(Path(path).resolve()), "bytes": st.st_size}

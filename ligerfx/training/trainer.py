@@ -28,7 +28,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ LOG_FIELDS = ["step", "tokens", "epoch", "loss", "ce", "kl", "lr", "grad_norm", 
 # args that must not change when a run is resumed (the loss curve would no longer continue the same run)
 RESUME_INVARIANTS = [
     "model", "data", "mix_data", "max_samples", "val_samples", "seq_len", "batch_size", "lr", "min_lr_ratio",
-    "warmup_steps", "weight_decay", "beta1", "beta2", "max_grad_norm", "max_tokens", "seed", "distill",
+    "warmup_steps", "weight_decay", "beta1", "beta2", "max_grad_norm", "max_tokens", "epochs", "seed", "distill",
     "distill_weight", "distill_temperature", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "window",
     "liger_mix", "gate_normalizer", "variant", "sinks", "layers", "only_full_attention", "dtype", "precision",
 ]
@@ -173,21 +173,27 @@ def build_model(args, info: DistInfo):
 # ----------------------------------------------------------------------------------------------------------------
 # data
 
-def build_data(args, tokenizer, total_chunks: int, log) -> tuple[ChunkStream, list]:
-    """Read + validate every file first (a bad line fails before any training), then tokenize and pack."""
+def read_data(args) -> list[tuple[str, Optional[float], str, list]]:
+    """Read and validate every line of every data file (before the model is even loaded)."""
     specs = [(args.data, None)] + [_split_mix(m) for m in args.mix_data]
     read = []
     for path, weight in specs:
         schema, records = read_records(path, limit=args.max_samples)
         read.append((path, weight, schema, records))
-    path0, _, schema0, records0 = read[0]
+    path0, records0 = read[0][0], read[0][3]
     if args.val_samples >= len(records0):
         raise DataError(f"{path0}: --val-samples {args.val_samples} leaves no training records ({len(records0)} read)")
-    val_records, train_records = records0[:args.val_samples], records0[args.val_samples:]
-
     mix_total = sum(w for _, w, _, _ in read[1:])
     if mix_total >= 1.0:
         raise ValueError(f"--mix-data fractions sum to {mix_total}; they must leave a share (< 1) for --data")
+    return read
+
+
+def build_sources(args, read, tokenizer, log) -> tuple[list[Source], list[float], list]:
+    """Tokenize and pack: one :class:`Source` per file with its chunk share, and the validation pieces."""
+    path0, records0 = read[0][0], read[0][3]
+    val_records, train_records = records0[:args.val_samples], records0[args.val_samples:]
+    mix_total = sum(w for _, w, _, _ in read[1:])
     sources, weights = [], []
     for i, (path, weight, schema, records) in enumerate(read):
         recs = train_records if i == 0 else records
@@ -196,13 +202,27 @@ def build_data(args, tokenizer, total_chunks: int, log) -> tuple[ChunkStream, li
         src = Source(str(path), samples, args.seq_len, seed=args.seed * 1000 + i)
         sources.append(src)
         weights.append(1.0 - mix_total if i == 0 else weight)
-        log(f"data {path}: {schema}, {len(recs)} records, {src.tokens_per_epoch} tokens/epoch "
-            f"= {src.chunks_per_epoch} chunks of {args.seq_len} (tokenized in {time.time() - t0:.1f}s)")
-    stream = ChunkStream(sources, weights, total_chunks, seed=args.seed)
+        log(f"data {path}: {schema}, {len(recs)} records, {src.tokens_per_epoch:,} tokens/epoch "
+            f"= {src.chunks_per_epoch:,} chunks of {args.seq_len} (tokenized in {time.time() - t0:.1f}s)")
     val = pack_in_order(tokenize_records(val_records, tokenizer), args.seq_len) if val_records else []
     if val_records:
         log(f"validation: first {len(val_records)} records of {path0} -> {len(val)} chunks")
-    return stream, val
+    return sources, weights, val
+
+
+def schedule_steps(args, sources: list[Source], weights: list[float]) -> int:
+    """Optimizer steps of the run: ``--epochs`` of the first corpus if given, else ``--max-tokens``."""
+    G = args.batch_size
+    if args.epochs is not None:
+        chunks = args.epochs * sources[0].chunks_per_epoch / (weights[0] / sum(weights))
+        steps = int(chunks // G)
+        what = f"--epochs {args.epochs} ({sources[0].chunks_per_epoch} chunks per epoch)"
+    else:
+        steps = parse_count(args.max_tokens) // (args.seq_len * G)
+        what = f"--max-tokens {args.max_tokens}"
+    if steps < 1:
+        raise ValueError(f"{what} is less than one batch ({G} x {args.seq_len} tokens)")
+    return steps
 
 
 def _split_mix(spec: str) -> tuple[str, float]:
@@ -539,18 +559,12 @@ def _train(args, info: DistInfo) -> dict:
 
     run_dir = Path(args.output_dir)
     precision = resolve_precision(args.precision, info.device)
-    max_tokens = parse_count(args.max_tokens)
     G = args.batch_size
     per_rank, rem = divmod(G, info.world)
     if rem or per_rank % args.micro_batch_size:
         raise ValueError(f"--batch-size {G} must be a multiple of world size {info.world} x --micro-batch-size "
                          f"{args.micro_batch_size}")
     accum = per_rank // args.micro_batch_size
-    total_steps = max_tokens // (args.seq_len * G)
-    if total_steps < 1:
-        raise ValueError(f"--max-tokens {args.max_tokens} is less than one batch ({G} x {args.seq_len} tokens)")
-    warmup = args.warmup_steps if args.warmup_steps is not None else int(round(0.03 * total_steps))
-    stop_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
 
     # run folder and resume point
     ckpt = None
@@ -569,6 +583,7 @@ def _train(args, info: DistInfo) -> dict:
 
     log("command: " + " ".join(["ligerfx", "train"] + [_quote(a) for a in getattr(args, "argv", [])]))
     t_setup = time.time()
+    read = read_data(args)  # a malformed line fails here, before the (slow) model load
     model, tokenizer, liger_cfg, n_lora = build_model(args, info)
     bare = model
     n_train = sum(p.numel() for p in bare.parameters() if p.requires_grad)
@@ -577,7 +592,12 @@ def _train(args, info: DistInfo) -> dict:
         f"({100 * n_train / n_all:.3f}%); {len(_ligerfx_fn('sites')(bare))} Liger sites; device {info.device}, "
         f"precision {precision}, world {info.world}")
 
-    stream, val = build_data(args, tokenizer, total_chunks=total_steps * G, log=log)
+    sources, weights, val = build_sources(args, read, tokenizer, log)
+    del read
+    total_steps = schedule_steps(args, sources, weights)
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(round(0.03 * total_steps))
+    stop_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    stream = ChunkStream(sources, weights, total_steps * G, seed=args.seed)
     keep_arg = "logits_to_keep" in inspect.signature(bare.forward).parameters
 
     params = [p for p in bare.parameters() if p.requires_grad]
@@ -598,7 +618,8 @@ def _train(args, info: DistInfo) -> dict:
             meta = {
                 "args": record,
                 "liger_config": liger_cfg.to_dict(),
-                "derived": {"total_steps": total_steps, "warmup_steps": warmup, "grad_accum": accum,
+                "derived": {"total_steps": total_steps, "total_tokens": total_steps * G * args.seq_len,
+                            "warmup_steps": warmup, "grad_accum": accum,
                             "world_size": info.world, "global_batch_tokens": G * args.seq_len,
                             "precision": precision, "lora_modules": n_lora, "trainable_params": n_train},
                 "versions": _versions(),
