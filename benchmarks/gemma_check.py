@@ -75,6 +75,9 @@ def main():
     ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens].cuda()
     res = {"card": card, "model": args.model, "dtype": "bfloat16"}
     res["teacher_ppl"] = ppl(model, ids)
+    mx, mean, agree = decode_agreement(model, ids[:, :512])  # bf16 baseline: the softmax model's own gap
+    res["teacher_decode_vs_full"] = {"max_abs_logit_diff": mx, "mean_abs_logit_diff": mean,
+                                     "argmax_agreement": agree, "tokens": 512, "prefill": 32}
     lat = {}
     for c in map(int, args.contexts.split(",")):
         torch.cuda.reset_peak_memory_stats()
