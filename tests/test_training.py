@@ -1,7 +1,10 @@
 """``ligerfx train`` end to end on CPU: a tiny random Llama with an offline word-level tokenizer."""
 import json
 import lzma
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -109,6 +112,24 @@ def test_resume_reproduces_uninterrupted_run(workdir, tmp_path):
     wa, wb = load_file(str(full / ADAPTER_WEIGHTS)), load_file(str(split / ADAPTER_WEIGHTS))
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LIGERFX_TEST_DDP"), reason="set LIGERFX_TEST_DDP=1 (starts 2 torchrun workers)")
+def test_ddp_two_ranks_match_one_process(workdir, tmp_path):
+    args = ["--max-tokens", str(4 * 2 * 48), "--save-every", "2"]
+    assert train(workdir, tmp_path / "one", *args) == 0
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ligerfx.cli", "train",
+            "--model", workdir["model"], "--data", workdir["data"], "-o", str(tmp_path / "two"), "--seq-len", "48",
+            "--batch-size", "2", "--lr", "2e-2", "--warmup-steps", "1", "--val-samples", "4", "--eval-every", "3",
+            "--quiet", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(argv, check=True, env=env, timeout=300)
+    a, b = read_log(tmp_path / "one" / "log.csv"), read_log(tmp_path / "two" / "log.csv")
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5, (ra, rb)
+    assert (tmp_path / "two" / "checkpoint-0000004" / "rng_rank1.pt").is_file()
 
 
 def test_distill_and_mix_data(workdir, tmp_path):
