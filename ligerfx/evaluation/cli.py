@@ -29,10 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder with the local data sets (default: ../shared/data relative to the repo)")
     p.add_argument("--limit", type=float, default=None,
                    help="examples per task (int) or fraction (<1) for quick runs; also caps the generation check")
+    p.add_argument("--subsample", type=int, default=None,
+                   help="instead of --limit's first N: N random documents per task (seeded by --seed)")
+    p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=2048, help="lm-eval context length (rolling windows)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--per-task", action="store_true",
+                   help="run lm-eval one task at a time, writing the report after each (partial results survive)")
     p.add_argument("--softmax-dtype", default=None, help="lm-eval's softmax dtype (e.g. float32 with --dtype bf16)")
     g = p.add_argument_group("transform (omit --variant to evaluate the unchanged teacher)")
     g.add_argument("--variant", choices=("gla", "swa_sinks"), default=None)
@@ -146,6 +151,7 @@ def run(args) -> int:
         "label": label,
         "model": meta,
         "limit": limit,
+        "subsample": args.subsample,
         "data_dir": str(data_dir),
         "command": "ligerfx eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),
         "environment": harness.environment(),
@@ -162,15 +168,21 @@ def run(args) -> int:
         if args.softmax_dtype:
             lm_kwargs["softmax_dtype"] = args.softmax_dtype
         lm = harness.make_lm(model, tok, batch_size=args.batch_size, max_length=args.max_length, **lm_kwargs)
-        out = harness.run_lm_eval(model, tok, tasks, data_dir=data_dir, limit=limit, batch_size=args.batch_size,
-                                  max_length=args.max_length, lm=lm)
-        report["tasks"] = harness.summarize(out)
-        report["lm_eval_seconds"] = time.time() - t0
-        report["lm_eval_task_dir"] = out.get("ligerfx_task_dir")
-        report["lm_eval_versions"] = out.get("versions")
+        groups = [[t] for t in tasks] if args.per_task else [tasks]
+        report["lm_eval_seconds"] = {}
+        for group in groups:
+            t1 = time.time()
+            out = harness.run_lm_eval(model, tok, group, data_dir=data_dir, limit=limit, batch_size=args.batch_size,
+                                      max_length=args.max_length, lm=lm, subsample=args.subsample, seed=args.seed)
+            report["tasks"].update(harness.summarize(out))
+            report["lm_eval_seconds"][",".join(group)] = time.time() - t1
+            report["lm_eval_task_dir"] = out.get("ligerfx_task_dir")
+            report.setdefault("lm_eval_versions", {}).update(out.get("versions") or {})
+            save()
         save()
     if "generate" in checks:
-        n = args.gen_limit if args.gen_limit is not None else (limit if isinstance(limit, int) else 500)
+        n = args.gen_limit if args.gen_limit is not None else (
+            limit if isinstance(limit, int) else (args.subsample or 500))
         report["generation"] = harness.lambada_generate(model, tok, data_dir=data_dir, limit=n)
         save()
     if "consistency" in checks:

@@ -48,8 +48,15 @@ def run_lm_eval(
     bootstrap_iters: int = 1000,
     cache: Optional[os.PathLike] = None,
     lm=None,
+    subsample: Optional[int] = None,
+    seed: int = 1234,
 ) -> Dict[str, Any]:
-    """Run ``lm_eval.simple_evaluate`` on the local tasks; return lm-eval's result dict (``results``, ``samples``...)."""
+    """Run ``lm_eval.simple_evaluate`` on the local tasks; return lm-eval's result dict (``results``, ``samples``...).
+
+    ``limit``: lm-eval's first-N (or fraction) per task. ``subsample``: instead, N documents per task drawn at random
+    (seeded, without replacement, kept in file order) and passed to lm-eval as ``samples=``: a representative
+    subset for quick runs on slow machines.
+    """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -57,7 +64,13 @@ def run_lm_eval(
     tm = TaskManager(include_path=str(include), include_defaults=False)
     if lm is None:
         lm = make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    samples = None
+    if subsample is not None:
+        if limit is not None:
+            raise ValueError("give either limit or subsample, not both")
+        samples = subsample_indices(tasks, include, subsample, seed)
     out = lm_eval.simple_evaluate(
+        samples=samples,
         model=lm,
         tasks=list(tasks),
         num_fewshot=num_fewshot,
@@ -68,6 +81,20 @@ def run_lm_eval(
         batch_size=batch_size,
     )
     out["ligerfx_task_dir"] = str(include)
+    return out
+
+
+def subsample_indices(tasks: Sequence[str], include: Path, n: int, seed: int = 1234) -> Dict[str, List[int]]:
+    """``{task: sorted random doc indices}`` (``n`` per task, fewer when the task is smaller)."""
+    import random
+
+    out = {}
+    for t in tasks:
+        data_file = json.loads((Path(include) / "data_files.json").read_text())[t]
+        with open(data_file, encoding="utf-8") as f:
+            total = sum(1 for line in f if line.strip())
+        rng = random.Random(f"{seed}:{t}")
+        out[t] = sorted(rng.sample(range(total), min(n, total)))
     return out
 
 
@@ -147,6 +174,22 @@ def lambada_generate(model, tokenizer, data_dir: Optional[os.PathLike] = None, l
     }
 
 
+def _cache_kwarg(model) -> str:
+    """``"cache"`` on transformers versions that renamed ``past_key_values`` (5.2x), else ``"past_key_values"``."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _default_texts(data_dir: Path, n: int) -> List[str]:
     """Real text for the consistency check: the first ``n`` LAMBADA passages (several hundred tokens each)."""
     return [it["context"] + " " + it["continuation"] for it in _lambada_items(data_dir, n)]
@@ -165,6 +208,7 @@ def decode_consistency(model, tokenizer, texts: Optional[Sequence[str]] = None, 
     if texts is None:
         texts = _default_texts(Path(data_dir) if data_dir is not None else default_data_dir(), n_texts)
     dev = next(model.parameters()).device
+    cache_kw = _cache_kwarg(model)
     per = []
     max_abs = 0.0
     max_logit = 0.0
@@ -180,11 +224,11 @@ def decode_consistency(model, tokenizer, texts: Optional[Sequence[str]] = None, 
         for p in prefill:
             p = max(1, min(int(p), T))
             out = model(ids[:, :p], use_cache=True)
-            past = out.past_key_values
+            past = _cache_of(out)
             steps = [out.logits.float()]
             for t in range(p, T):
-                out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(ids[:, t : t + 1], **{cache_kw: past}, use_cache=True)
+                past = _cache_of(out)
                 steps.append(out.logits.float())
             inc = torch.cat(steps, dim=1)
             diff = (inc - full).abs()
@@ -246,7 +290,9 @@ def markdown_table(report: Dict[str, Any]) -> str:
         f"model `{meta.get('spec')}`"
         + (f", transform `{json.dumps(meta.get('transform'))}`" if meta.get("transform") else "")
         + (f", adapter `{meta.get('adapter')}`" if meta.get("adapter") else "")
-        + f", limit {report.get('limit')}, {env.get('device', '?')}, {env.get('date', '')}"
+        + (f", random subsample of {report['subsample']} per task" if report.get("subsample") else
+           f", limit {report.get('limit')}")
+        + f", {env.get('device', '?')}, {env.get('date', '')}"
     )
     lines += ["", "| task | metric | value | ± stderr | n |", "|---|---|---:|---:|---:|"]
     for task, row in report.get("tasks", {}).items():

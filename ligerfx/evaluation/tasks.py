@@ -282,4 +282,5 @@ def prepare_tasks(tasks: Iterable[str], data_dir: Optional[os.PathLike] = None,
     ydir.mkdir(parents=True, exist_ok=True)
     for t in tasks:
         (ydir / f"{t}.yaml").write_text(task_yaml(t, files[t]), encoding="utf-8")
+    (ydir / "data_files.json").write_text(json.dumps({t: str(f) for t, f in files.items()}, indent=1))
     return ydir
