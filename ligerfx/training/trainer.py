@@ -238,11 +238,13 @@ def _split_mix(spec: str) -> tuple[str, float]:
     return path, value
 
 
-def _batch(stream: ChunkStream, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(stream: ChunkStream, indices, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(input_ids, labels, number of loss targets)`` of the chunks at global ``indices``."""
     pairs = [stream.get(i) for i in indices]
-    ids = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.int64)).to(device)
-    labels = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(device)
-    return ids, labels
+    ids = np.stack([p[0] for p in pairs]).astype(np.int64)
+    labels = np.stack([p[1] for p in pairs]).astype(np.int64)
+    n_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device), n_targets
 
 
 def _n_targets(labels: torch.Tensor) -> int:
@@ -614,7 +616,7 @@ def _train(args, info: DistInfo) -> dict:
 
     if info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
+        if ckpt is None or not args_path.is_file():
             meta = {
                 "args": record,
                 "liger_config": liger_cfg.to_dict(),
@@ -655,11 +657,10 @@ def _train(args, info: DistInfo) -> dict:
         micro = [list(range(base + j * args.micro_batch_size, base + (j + 1) * args.micro_batch_size))
                  for j in range(accum)]
         batches = [_batch(stream, idx, info.device) for idx in micro]
-        n_local = sum(_n_targets(lab) for _, lab in batches)
-        (n_global,) = _all_reduce([float(n_local)], info)
+        (n_global,) = _all_reduce([float(sum(b[2] for b in batches))], info)
         scale = info.world / max(n_global, 1.0)
-        ce_tot = kl_tot = 0.0
-        for j, (ids, labels) in enumerate(batches):
+        ce_acc = kl_acc = 0.0
+        for j, (ids, labels, _) in enumerate(batches):
             sync = contextlib.nullcontext() if (not info.ddp or j == accum - 1) else model.no_sync()
             with sync:
                 ce, kl = micro_step_loss(model, bare, ids, labels, keep_arg=keep_arg, distill=args.distill,
@@ -667,8 +668,8 @@ def _train(args, info: DistInfo) -> dict:
                                          precision=precision)
                 loss = (ce + args.distill_weight * kl) * scale if args.distill else ce * scale
                 loss.backward()
-            ce_tot += ce.item()
-            kl_tot += kl.item()
+            ce_acc = ce_acc + ce.detach()
+            kl_acc = kl_acc + kl.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")).item()
         lr = optimizer.param_groups[0]["lr"]
@@ -677,7 +678,7 @@ def _train(args, info: DistInfo) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        ce_tot, kl_tot = _all_reduce([ce_tot, kl_tot], info)
+        ce_tot, kl_tot = _all_reduce([float(ce_acc), float(kl_acc)], info)
         ce_mean, kl_mean = ce_tot / max(n_global, 1.0), kl_tot / max(n_global, 1.0)
         loss_mean = ce_mean + (args.distill_weight * kl_mean if args.distill else 0.0)
         tokens_seen += G * args.seq_len
