@@ -12,9 +12,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def autotune(configs, key):
-    """``triton.autotune`` that keeps only the first config under the interpreter (it cannot benchmark there)."""
-    return triton.autotune(configs=configs[:1] if interpreting() else configs, key=key)
+def autotune(configs, key, default=None):
+    """``triton.autotune`` over ``configs``, with two ways out of benchmarking.
+
+    Under the interpreter only the first config is kept (the interpreter cannot benchmark). With
+    ``LIGERFX_AUTOTUNE=0`` no config is benchmarked either: ``default(kwargs)`` (or the first config) is used, which
+    saves the compile time of the other configs (GPU tests, quick benchmarks).
+    """
+    if interpreting():
+        return triton.autotune(configs=configs[:1], key=key)
+
+    def prune(configs, named_args, **kwargs):
+        if os.environ.get("LIGERFX_AUTOTUNE", "1") == "0":
+            return [default({**named_args, **kwargs}) if default is not None else configs[0]]
+        return configs
+
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
 
 
 def warps_stages(warps=(4, 8), stages=(1, 2, 3)):

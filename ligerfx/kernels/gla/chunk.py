@@ -46,8 +46,19 @@ def chunk_size(T: int) -> int:
     return min(64, max(BC, triton.next_power_of_2(T)))
 
 
-def _block(D: int, cap: int = 64) -> int:
-    return min(cap, max(16, triton.next_power_of_2(D)))
+# name -> (BK cap, BV cap, num_warps, num_stages): the largest tiles that compile without register spills on sm_90 in
+# bf16 (cuobjdump --dump-resource-usage, triton 3.9 offline); the config used when autotuning is off.
+BLOCKS = {"h": (32, 64, 4, 2), "dh": (32, 64, 8, 2), "o": (32, 128, 8, 1), "dqk": (16, 64, 8, 1),
+          "dv": (32, 128, 8, 1), "dg": (64, 64, 4, 2)}
+
+
+def _blocks(name: str, K: int, V: int):
+    bk, bv = BLOCKS[name][:2]
+    return min(bk, max(16, triton.next_power_of_2(K))), min(bv, max(16, triton.next_power_of_2(V)))
+
+
+def _default(name: str):
+    return lambda kw: triton.Config({}, num_warps=BLOCKS[name][2], num_stages=BLOCKS[name][3])
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -56,7 +67,7 @@ def _gla_intra_A(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k,
                  K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NC: tl.constexpr, PREC: tl.constexpr):
     """Adds one K block's share of A[i, j] = sum_d q_id k_jd exp(c_id - c_jd), j <= i, to ``b_A`` [BT, BT]."""
     o_i = tl.arange(0, BT)
-    for i_c in tl.static_range(1, NC):
+    for i_c in range(1, NC):
         # reference row: first row of query sub-chunk i_c
         t_r = tl.minimum(i_t * BT + i_c * BC, T - 1)
         b_gr = tl.load(p_gc + t_r * K + o_k, mask=m_k, other=0.)
@@ -64,7 +75,7 @@ def _gla_intra_A(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k,
         b_kr = b_k * tl.exp(tl.minimum(b_gr[None, :] - b_gc, 0.))
         m_r = ((o_i // BC) == i_c)[:, None] & (o_i < i_c * BC)[None, :]
         b_A += tl.where(m_r, tl.dot(b_qr, tl.trans(b_kr), input_precision=PREC), 0.)
-    for i_c in tl.static_range(BC):
+    for i_c in range(BC):
         # key row j = (first row of i's sub-chunk) + i_c, for every query row i at once
         o_j = (o_i // BC) * BC + i_c
         t_j = i_t * BT + o_j
@@ -77,7 +88,7 @@ def _gla_intra_A(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k,
 
 
 # ------------------------------------------------------------------------------------------------------ forward
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT"])
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT"], default=_default("h"))
 @triton.jit(do_not_specialize=["T"])
 def gla_fwd_kernel_h(k, v, g, gc, h, h0, ht, T, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, PREC: tl.constexpr):
@@ -117,7 +128,7 @@ def gla_fwd_kernel_h(k, v, g, gc, h, h0, ht, T, K: tl.constexpr, V: tl.constexpr
     tl.store(ht + i_bh * K * V + o_kv, b_h, mask=m_kv)
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G"])
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G"], default=_default("o"))
 @triton.jit(do_not_specialize=["T"])
 def gla_fwd_kernel_o(q, k, v, gc, h, o, T, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_A: tl.constexpr):
@@ -155,7 +166,7 @@ def gla_fwd_kernel_o(q, k, v, gc, h, o, T, G: tl.constexpr, K: tl.constexpr, V: 
 
 
 # ----------------------------------------------------------------------------------------------------- backward
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT", "G"])
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT", "G"], default=_default("dh"))
 @triton.jit(do_not_specialize=["T"])
 def gla_bwd_kernel_dh(q, gc, do, dh, dht, dh0, T, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr,
@@ -195,7 +206,7 @@ def gla_bwd_kernel_dh(q, gc, do, dh, dht, dh0, T, G: tl.constexpr, K: tl.constex
     tl.store(dh0 + i_bh * K * V + o_kv, b_dh, mask=m_kv)
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G"])
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G"], default=_default("dqk"))
 @triton.jit(do_not_specialize=["T"])
 def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -253,7 +264,7 @@ def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K
         b_dA = tl.where(b_causal, b_dA, 0.)
 
         # intra-chunk, off-diagonal sub-chunks
-        for i_c in tl.static_range(1, NC):
+        for i_c in range(1, NC):
             # dq rows of sub-chunk i_c: reference = its first row
             t_r = tl.minimum(i_t * BT + i_c * BC, T - 1)
             b_gr = tl.load(p_gc + t_r * K + o_k, mask=m_k, other=0.)
@@ -267,7 +278,7 @@ def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K
             b_dAm = tl.where((o_i >= i_c * BC)[:, None] & ((o_i // BC) == i_c - 1)[None, :], b_dA, 0.)
             b_dk += tl.dot(tl.trans(b_dAm), b_qm, input_precision=PREC_A) * tl.exp(tl.minimum(b_gm[None, :] - b_gc, 0.))
         # intra-chunk, diagonal sub-chunks, element-wise
-        for i_c in tl.static_range(BC):
+        for i_c in range(BC):
             o_j = (o_i // BC) * BC + i_c
             t_j = i_t * BT + o_j
             m_j = (t_j < T)[:, None] & m_k[None, :]
@@ -289,7 +300,7 @@ def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K
     tl.store(db + i_bh * T * K + o_t[:, None] * K + o_k[None, :], b_db, mask=m_tk)
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G"])
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G"], default=_default("dv"))
 @triton.jit(do_not_specialize=["T"])
 def gla_bwd_kernel_dv(q, k, gc, do, dh, dv, T, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -337,7 +348,7 @@ def gla_bwd_kernel_dv(q, k, gc, do, dh, dv, T, G: tl.constexpr, K: tl.constexpr,
     tl.store(dv + i_bh * T * V + o_t[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
 
-@autotune(configs=warps_stages(warps=(2, 4), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT"])
+@autotune(configs=warps_stages(warps=(2, 4), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT"], default=_default("dg"))
 @triton.jit(do_not_specialize=["T"])
 def gla_bwd_kernel_dg(db, ht, dht, dg, T, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, USE_DHT: tl.constexpr):
@@ -374,7 +385,7 @@ def _fwd_h(k, v, g, h0, BT):
     B, HKV, T, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
-    BK, BV = _block(K), _block(V)
+    BK, BV = _blocks("h", K, V)
     h = k.new_empty(B, HKV, NT, K, V)
     gc = k.new_empty(B, HKV, T, K, dtype=torch.float32)
     ht = k.new_empty(B, HKV, K, V, dtype=torch.float32)
@@ -387,7 +398,7 @@ def _fwd_h(k, v, g, h0, BT):
 def _fwd_o(q, k, v, gc, h, BT):
     B, HQ, T, K = q.shape
     HKV, V = k.shape[1], v.shape[-1]
-    BK, BV = _block(K), _block(V)
+    BK, BV = _blocks("o", K, V)
     o = q.new_empty(B, HQ, T, V, dtype=torch.float32)
     grid = (triton.cdiv(V, BV), triton.cdiv(T, BT), B * HQ)
     gla_fwd_kernel_o[grid](q=q, k=k, v=v, gc=gc, h=h, o=o, T=T, G=HQ // HKV, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV,
@@ -421,7 +432,6 @@ def chunk_gla_bwd(q, k, v, g, h0, do, dhT):
     G = HQ // HKV
     BT = chunk_size(T)
     NT = triton.cdiv(T, BT)
-    BK, BV = _block(K), _block(V)
     prec = dot_precision(q.dtype)
     do = q.new_zeros(B, HQ, T, V) if do is None else do.to(q.dtype).contiguous()
     dhT = None if dhT is None else dhT.contiguous()
@@ -429,6 +439,7 @@ def chunk_gla_bwd(q, k, v, g, h0, do, dhT):
     h, gc, ht = _fwd_h(k, v, g, None if h0 is None else h0.contiguous(), BT)
     dh = torch.empty_like(h)
     dh0 = k.new_empty(B, HKV, K, V, dtype=torch.float32)
+    BK, BV = _blocks("dh", K, V)
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * HKV)
     gla_bwd_kernel_dh[grid](q=q, gc=gc, do=do, dh=dh, dht=dhT if dhT is not None else dh0, dh0=dh0, T=T, G=G, K=K,
                             V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dhT is not None, PREC=prec)
@@ -436,16 +447,19 @@ def chunk_gla_bwd(q, k, v, g, h0, do, dhT):
     dq = torch.empty(B, HQ, T, K, dtype=dtypes[0], device=q.device)
     dk = torch.empty(B, HKV, T, K, dtype=dtypes[1], device=q.device)
     db = k.new_empty(B, HKV, T, K, dtype=torch.float32)
+    BK, BV = _blocks("dqk", K, V)
     grid = (triton.cdiv(K, BK), NT, B * HKV)
     gla_bwd_kernel_dqk[grid](q=q, k=k, v=v, gc=gc, h=h, do=do, dh=dh, dq=dq, dk=dk, db=db, T=T, G=G, K=K, V=V,
                              BT=BT, BC=BC, BK=BK, BV=BV, PREC=prec, PREC_A=prec)
 
     dv = torch.empty(B, HKV, T, V, dtype=dtypes[2], device=q.device)
+    BK, BV = _blocks("dv", K, V)
     grid = (triton.cdiv(V, BV), NT, B * HKV)
     gla_bwd_kernel_dv[grid](q=q, k=k, gc=gc, do=do, dh=dh, dv=dv, T=T, G=G, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV,
                             PREC=prec, PREC_A=prec)
 
     dg = torch.empty(B, HKV, T, K, dtype=dtypes[3], device=q.device)
+    BK, BV = _blocks("dg", K, V)
     grid = (triton.cdiv(K, BK), B * HKV)
     gla_bwd_kernel_dg[grid](db=db, ht=ht, dht=dhT if dhT is not None else ht, dg=dg, T=T, K=K, V=V, BT=BT, BK=BK,
                             BV=BV, USE_DHT=dhT is not None)

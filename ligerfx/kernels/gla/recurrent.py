@@ -18,7 +18,8 @@ from ..utils import autotune, common_dtype, warps_stages
 MAX_T = 16  # gla_fwd uses this kernel up to this many tokens
 
 
-@autotune(configs=warps_stages(warps=(1, 2, 4), stages=(1,)), key=["K", "V", "BK", "BV", "G"])
+@autotune(configs=warps_stages(warps=(1, 2, 4), stages=(1,)), key=["K", "V", "BK", "BV", "G"],
+          default=lambda kw: triton.Config({}, num_warps=4, num_stages=1))
 @triton.jit(do_not_specialize=["T"])
 def gla_fwd_kernel_recurrent(q, k, v, g, h0, o, ht, T, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                              BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr):

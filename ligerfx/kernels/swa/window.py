@@ -37,10 +37,23 @@ LOG2E = 1.4426950408889634
 INT64_MAX = torch.iinfo(torch.int64).max
 
 
-def _blocks(TQ: int, D: int):
-    BM = min(64, max(16, triton.next_power_of_2(TQ)))
-    BN = 64 if D <= 128 else 32
-    return BM, BN
+# head dim -> (BM, BN, num_warps) for the forward, dq and dk/dv kernels: the largest tiles that compile without
+# register spills on sm_90 in bf16 (cuobjdump --dump-resource-usage, triton 3.9 offline). In dk/dv, BM is the inner
+# query block and BN the key block the program owns.
+BLOCKS = {
+    64: {"fwd": (64, 64, 8), "dq": (64, 64, 8), "dkdv": (32, 64, 8)},
+    128: {"fwd": (64, 32, 4), "dq": (64, 32, 4), "dkdv": (64, 32, 4)},
+    256: {"fwd": (64, 32, 8), "dq": (32, 64, 8), "dkdv": (64, 32, 8)},
+}
+
+
+def _cfg(name: str, D: int, TQ: int):
+    BM, BN, warps = BLOCKS[min(256, max(64, triton.next_power_of_2(D)))][name]
+    return min(BM, max(16, triton.next_power_of_2(TQ))), BN, warps
+
+
+def _default(name: str):
+    return lambda kw: triton.Config({}, num_warps=_cfg(name, max(kw["K"], kw["V"]), 1 << 20)[2], num_stages=2)
 
 
 @triton.jit
@@ -60,7 +73,7 @@ def _swa_fwd_inner(b_acc, b_l, b_m, b_q, b_qp, p_k, p_v, p_kpos, i_n0, i_n1, TK,
     for i_n in range(i_n0, i_n1):
         o_n = tl.cast(i_n, tl.int64) * BN + tl.arange(0, BN)
         m_n = o_n < TK
-        b_kp = tl.load(p_kpos + o_n, mask=m_n, other=-1)
+        b_kp = tl.load(p_kpos + o_n, mask=m_n, other=-1).to(tl.int32)
         b_k = tl.load(p_k + o_n[:, None] * K + o_k[None, :], mask=m_n[:, None] & (o_k < K)[None, :], other=0.)
         # [BM, BN] scores in log2 units
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
@@ -77,7 +90,7 @@ def _swa_fwd_inner(b_acc, b_l, b_m, b_q, b_qp, p_k, p_v, p_kpos, i_n0, i_n1, TK,
     return b_acc, b_l, b_m
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"])
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"], default=_default("fwd"))
 @triton.jit(do_not_specialize=["TQ", "TK", "window", "sinks"])
 def swa_fwd_kernel(q, k, v, q_pos, k_pos, rng, o, lse, qk_scale, window, sinks, TQ, TK, HQ, G: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -93,7 +106,7 @@ def swa_fwd_kernel(q, k, v, q_pos, k_pos, rng, o, lse, qk_scale, window, sinks, 
 
     b_q = tl.load(q + i_bh * TQ * K + o_m[:, None] * K + o_k[None, :], mask=m_m[:, None] & (o_k < K)[None, :],
                   other=0.)
-    b_qp = tl.load(q_pos + i_b * TQ + o_m, mask=m_m, other=-1)
+    b_qp = tl.load(q_pos + i_b * TQ + o_m, mask=m_m, other=-1).to(tl.int32)
     p_rng = rng + (i_b * NQB + i_m) * 3
     i_lo, i_hi, i_sink = tl.load(p_rng), tl.load(p_rng + 1), tl.load(p_rng + 2)
     n_sink = tl.cdiv(tl.minimum(i_sink, i_hi), BN)
@@ -139,7 +152,7 @@ def _swa_dq_inner(b_dq, b_q, b_do, b_qp, b_lse, b_delta, p_k, p_v, p_kpos, i_n0,
     for i_n in range(i_n0, i_n1):
         o_n = tl.cast(i_n, tl.int64) * BN + tl.arange(0, BN)
         m_n = o_n < TK
-        b_kp = tl.load(p_kpos + o_n, mask=m_n, other=-1)
+        b_kp = tl.load(p_kpos + o_n, mask=m_n, other=-1).to(tl.int32)
         b_k = tl.load(p_k + o_n[:, None] * K + o_k[None, :], mask=m_n[:, None] & (o_k < K)[None, :], other=0.)
         b_v = tl.load(p_v + o_n[:, None] * V + o_v[None, :], mask=m_n[:, None] & (o_v < V)[None, :], other=0.)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
@@ -150,7 +163,7 @@ def _swa_dq_inner(b_dq, b_q, b_do, b_qp, b_lse, b_delta, p_k, p_v, p_kpos, i_n0,
     return b_dq
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"])
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"], default=_default("dq"))
 @triton.jit(do_not_specialize=["TQ", "TK", "window", "sinks"])
 def swa_bwd_kernel_dq(q, k, v, q_pos, k_pos, rng, lse, delta, do, dq, scale, qk_scale, window, sinks, TQ, TK, HQ,
                       G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -168,7 +181,7 @@ def swa_bwd_kernel_dq(q, k, v, q_pos, k_pos, rng, lse, delta, do, dq, scale, qk_
     b_q = tl.load(q + i_bh * TQ * K + o_m[:, None] * K + o_k[None, :], mask=m_mk, other=0.)
     b_do = tl.load(do + i_bh * TQ * V + o_m[:, None] * V + o_v[None, :], mask=m_m[:, None] & (o_v < V)[None, :],
                    other=0.)
-    b_qp = tl.load(q_pos + i_b * TQ + o_m, mask=m_m, other=-1)
+    b_qp = tl.load(q_pos + i_b * TQ + o_m, mask=m_m, other=-1).to(tl.int32)
     b_lse = tl.load(lse + i_bh * TQ + o_m, mask=m_m, other=0.) * 1.4426950408889634
     b_delta = tl.load(delta + i_bh * TQ + o_m, mask=m_m, other=0.)
     p_rng = rng + (i_b * NQB + i_m) * 3
@@ -187,7 +200,7 @@ def swa_bwd_kernel_dq(q, k, v, q_pos, k_pos, rng, lse, delta, do, dq, scale, qk_
              mask=m_mk)
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"])
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"], default=_default("dkdv"))
 @triton.jit(do_not_specialize=["TQ", "TK", "window", "sinks"])
 def swa_bwd_kernel_dkdv(q, k, v, q_pos, k_pos, rng, lse, delta, do, dk, dv, scale, qk_scale, window, sinks, TQ, TK,
                         HKV, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -205,7 +218,7 @@ def swa_bwd_kernel_dkdv(q, k, v, q_pos, k_pos, rng, lse, delta, do, dk, dv, scal
 
     b_k = tl.load(k + i_bh * TK * K + o_n[:, None] * K + o_k[None, :], mask=m_nk, other=0.)
     b_v = tl.load(v + i_bh * TK * V + o_n[:, None] * V + o_v[None, :], mask=m_nv, other=0.)
-    b_kp = tl.load(k_pos + i_b * TK + o_n, mask=m_n, other=-1)
+    b_kp = tl.load(k_pos + i_b * TK + o_n, mask=m_n, other=-1).to(tl.int32)
     p_rng = rng + (i_b * NKB + i_n) * 2
     i_m0, i_m1 = tl.load(p_rng) // BM, tl.cdiv(tl.load(p_rng + 1), BM)
 
@@ -220,7 +233,7 @@ def swa_bwd_kernel_dkdv(q, k, v, q_pos, k_pos, rng, lse, delta, do, dk, dv, scal
                           other=0.)
             b_do = tl.load(do + i_hq * TQ * V + o_m[:, None] * V + o_v[None, :],
                            mask=m_m[:, None] & (o_v < V)[None, :], other=0.)
-            b_qp = tl.load(q_pos + i_b * TQ + o_m, mask=m_m, other=-1)
+            b_qp = tl.load(q_pos + i_b * TQ + o_m, mask=m_m, other=-1).to(tl.int32)
             b_lse = tl.load(lse + i_hq * TQ + o_m, mask=m_m, other=0.) * 1.4426950408889634
             b_delta = tl.load(delta + i_hq * TQ + o_m, mask=m_m, other=0.)
             # transposed scores [BN, BM]
@@ -295,14 +308,14 @@ def swa_fwd(q, k, v, q_pos, k_pos, scale: float, window: int, sinks: int = 0):
     q, k, v, q_pos, k_pos = _prep(q, k, v, q_pos, k_pos)
     B, HQ, TQ, K = q.shape
     HKV, TK, V = k.shape[1], k.shape[2], v.shape[-1]
-    BM, BN = _blocks(TQ, max(K, V))
+    BM, BN, _ = _cfg("fwd", max(K, V), TQ)
     rng = _key_ranges(q_pos, k_pos, window, sinks, BM)
     o = q.new_empty(B, HQ, TQ, V, dtype=out_dtype)
     lse = q.new_empty(B, HQ, TQ, dtype=torch.float32)
     grid = (triton.cdiv(TQ, BM), B * HQ)
     swa_fwd_kernel[grid](q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, rng=rng, o=o, lse=lse, qk_scale=scale * LOG2E,
                          window=window, sinks=sinks, TQ=TQ, TK=TK, HQ=HQ, G=HQ // HKV, K=K, V=V, BM=BM, BN=BN,
-                         BK=triton.next_power_of_2(K), BV=triton.next_power_of_2(V), PREC=dot_precision(q.dtype))
+                         BK=max(16, triton.next_power_of_2(K)), BV=max(16, triton.next_power_of_2(V)), PREC=dot_precision(q.dtype))
     return o, lse
 
 
@@ -313,15 +326,15 @@ def swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale: float, window: int, sinks:
     B, HQ, TQ, K = q.shape
     HKV, TK, V = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // HKV
-    BM, BN = _blocks(TQ, max(K, V))
-    BK, BV = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
     prec = dot_precision(q.dtype)
     o, do, lse = o.contiguous(), do.to(q.dtype).contiguous(), lse.contiguous()
 
     delta = q.new_empty(B, HQ, TQ, dtype=torch.float32)
-    swa_bwd_kernel_delta[(triton.cdiv(TQ, BM), B * HQ)](o=o, do=do, delta=delta, TQ=TQ, V=V, BM=BM, BV=BV)
+    swa_bwd_kernel_delta[(triton.cdiv(TQ, 32), B * HQ)](o=o, do=do, delta=delta, TQ=TQ, V=V, BM=32, BV=BV)
 
     dq = torch.empty(B, HQ, TQ, K, dtype=dtypes[0], device=q.device)
+    BM, BN, _ = _cfg("dq", max(K, V), TQ)
     rng = _key_ranges(q_pos, k_pos, window, sinks, BM)
     swa_bwd_kernel_dq[(triton.cdiv(TQ, BM), B * HQ)](
         q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, rng=rng, lse=lse, delta=delta, do=do, dq=dq, scale=scale,
@@ -330,6 +343,7 @@ def swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale: float, window: int, sinks:
 
     dk = torch.empty(B, HKV, TK, K, dtype=dtypes[1], device=q.device)
     dv = torch.empty(B, HKV, TK, V, dtype=dtypes[2], device=q.device)
+    BM, BN, _ = _cfg("dkdv", max(K, V), TQ)
     rng = _query_ranges(q_pos, k_pos, window, sinks, BN)
     swa_bwd_kernel_dkdv[(triton.cdiv(TK, BN), B * HKV)](
         q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, rng=rng, lse=lse, delta=delta, do=do, dk=dk, dv=dv, scale=scale,

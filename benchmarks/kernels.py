@@ -1,0 +1,169 @@
+"""Kernel benchmark: ligerfx GLA, SWA and their sum (Liger attention) against PyTorch SDPA (flash, causal).
+
+    TRITON_INTERPRET=0 python benchmarks/kernels.py [--T 2048 8192 32768 65536] [--D 64 128 256] [--out FILE]
+
+Run tests/gpu/test_kernels_gpu.py first: a speed number means nothing for a kernel that is wrong. Inputs are bf16,
+head-first [B, H, T, D]; K = V = D; HQ query heads, HKV KV heads (GQA). B = max(1, 16384 // T), so B*T >= 16K tokens.
+Times are ``triton.testing.do_bench`` medians (ms; L2 flushed between runs). "fwd+bwd" calls the host wrappers
+(forward, then backward with a random ``do``); SDPA runs through autograd with k and v repeated to HQ heads outside the
+timed region. "liger" = GLA + SWA (window 64) on the same q, k, v (the 0.5/0.5 mix is not included).
+
+HBM floor: the fewest bytes each op must move (every input read once, every output written once), over the
+bandwidth measured by a device-to-device copy (bytes read + written). Per token, s = 2 (bf16)::
+
+    gla fwd   s*(HQ*D + 3*HKV*D) + 4*HQ*D           read q, k, g, v; write o (fp32 by the op contract)
+    gla bwd   4*HQ*D + s*(2*HQ*D + 6*HKV*D)          read do (fp32), q, k, v, g; write dq, dk, dv, dg
+    swa fwd   s*(2*HQ*D + 2*HKV*D) + 4*HQ            read q, k, v; write o, lse
+    swa bwd   s*(4*HQ*D + 4*HKV*D) + 4*HQ            read q, k, v, o, do, lse; write dq, dk, dv
+    liger     gla + swa;   sdpa: as swa (its causal FLOPs, not bytes, bound it)
+
+Rows written to ``benchmarks/results/kernels-<card>.json``: op, mode, T, B, H, HKV, D, ms, fla_ms (null: fla not
+installed on the GPU machine), sdpa_ms, hbm_floor_ms, pct_of_floor (floor / ms), ratio_to_sdpa (ms / sdpa_ms), card.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ligerfx.kernels.gla import chunk  # noqa: E402
+from ligerfx.kernels.swa import window as swa  # noqa: E402
+
+WINDOW = 64
+HEADS = {64: (32, 8), 128: (32, 8), 256: (16, 8)}  # D -> (HQ, HKV)
+
+
+def floor_bytes(op, mode, HQ, HKV, D, s=2):
+    gla_f = s * (HQ * D + 3 * HKV * D) + 4 * HQ * D
+    gla_b = 4 * HQ * D + s * (2 * HQ * D + 6 * HKV * D)
+    swa_f = s * (2 * HQ * D + 2 * HKV * D) + 4 * HQ
+    swa_b = s * (4 * HQ * D + 4 * HKV * D) + 4 * HQ
+    f = {"gla": gla_f, "swa": swa_f, "liger": gla_f + swa_f, "sdpa": swa_f}[op]
+    b = {"gla": gla_b, "swa": swa_b, "liger": gla_b + swa_b, "sdpa": swa_b}[op]
+    return f if mode == "fwd" else f + b
+
+
+def copy_bandwidth():
+    x = torch.empty(1 << 28, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def make_ops(B, T, D, dtype=torch.bfloat16):
+    HQ, HKV = HEADS[D]
+    dev = "cuda"
+    q = torch.randn(B, HQ, T, D, device=dev).softmax(-1).to(dtype)
+    k = torch.randn(B, HKV, T, D, device=dev).softmax(-1).to(dtype)
+    v = torch.randn(B, HKV, T, D, device=dev, dtype=dtype)
+    g = (F.logsigmoid(torch.randn(B, HKV, T, D, device=dev)) / 16).to(dtype)
+    qs = torch.randn(B, HQ, T, D, device=dev, dtype=dtype)
+    ks = torch.randn(B, HKV, T, D, device=dev, dtype=dtype)
+    pos = torch.arange(T, device=dev).expand(B, T).contiguous()
+    scale = D ** -0.5
+    do32 = torch.randn(B, HQ, T, D, device=dev)
+    do = do32.to(dtype)
+
+    def gla_fwd():
+        return chunk.chunk_gla_fwd(q, k, v, g, None)
+
+    def gla_fb():
+        chunk.chunk_gla_fwd(q, k, v, g, None)
+        return chunk.chunk_gla_bwd(q, k, v, g, None, do32, None)
+
+    def swa_fwd():
+        return swa.swa_fwd(qs, ks, v, pos, pos, scale, WINDOW, 0)
+
+    def swa_fb():
+        o, lse = swa.swa_fwd(qs, ks, v, pos, pos, scale, WINDOW, 0)
+        return swa.swa_bwd(qs, ks, v, pos, pos, o, lse, do, scale, WINDOW, 0)
+
+    kr = ks.repeat_interleave(HQ // HKV, 1).requires_grad_()
+    vr = v.repeat_interleave(HQ // HKV, 1).requires_grad_()
+    qr = qs.clone().requires_grad_()
+
+    def sdpa_fwd():
+        with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
+
+    def sdpa_fb():
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
+        o.backward(do)
+
+    return {
+        ("gla", "fwd"): gla_fwd, ("gla", "fwd+bwd"): gla_fb,
+        ("swa", "fwd"): swa_fwd, ("swa", "fwd+bwd"): swa_fb,
+        ("liger", "fwd"): lambda: (gla_fwd(), swa_fwd()), ("liger", "fwd+bwd"): lambda: (gla_fb(), swa_fb()),
+        ("sdpa", "fwd"): sdpa_fwd, ("sdpa", "fwd+bwd"): sdpa_fb,
+    }, [qr, kr, vr]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
+    ap.add_argument("--D", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--max-T-256", type=int, default=32768, help="longest T timed at D=256")
+    ap.add_argument("--max-T-64", type=int, default=32768, help="longest T timed at D=64")
+    ap.add_argument("--compile-only", action="store_true", help="run every kernel once at T=256 (warms the cache)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    print("command:", " ".join(["python"] + sys.argv), flush=True)
+    if args.compile_only:
+        for D in args.D:
+            for fn in make_ops(2, 256, D)[0].values():
+                fn()
+        torch.cuda.synchronize()
+        print("compiled")
+        return
+
+    card_name = torch.cuda.get_device_name()
+    card = next((c for c in ("h100", "h200", "a100", "b200", "gb200") if c in card_name.lower()), "gpu")
+    bw = copy_bandwidth()
+    print(f"card: {card_name}; copy bandwidth {bw / 1e12:.2f} TB/s; triton {triton.__version__}; torch "
+          f"{torch.__version__}; LIGERFX_AUTOTUNE={os.environ.get('LIGERFX_AUTOTUNE', '1')}", flush=True)
+    rows = []
+    for D in args.D:
+        HQ, HKV = HEADS[D]
+        for T in args.T:
+            if (D == 256 and T > args.max_T_256) or (D == 64 and T > args.max_T_64):
+                continue
+            B = max(1, 16384 // T)
+            ops, grads = make_ops(B, T, D)
+            for fn in ops.values():  # compile / autotune outside the timed region
+                fn()
+            for mode in ("fwd", "fwd+bwd"):
+                t0 = time.time()
+                ms = {op: triton.testing.do_bench(ops[(op, mode)], warmup=25, rep=100, return_mode="median",
+                                                  grad_to_none=grads if op == "sdpa" else None)
+                      for op in ("gla", "swa", "liger", "sdpa")}
+                for op, t in ms.items():
+                    floor = B * T * floor_bytes(op, mode, HQ, HKV, D) / bw * 1e3
+                    rows.append(dict(op=op, mode=mode, T=T, B=B, H=HQ, HKV=HKV, D=D, ms=round(t, 4), fla_ms=None,
+                                     sdpa_ms=round(ms["sdpa"], 4), hbm_floor_ms=round(floor, 4),
+                                     pct_of_floor=round(100 * floor / t, 1), ratio_to_sdpa=round(t / ms["sdpa"], 3),
+                                     card=card_name))
+                print(f"D={D} T={T} B={B} {mode}: " + "  ".join(f"{op} {t:.3f}" for op, t in ms.items())
+                      + f"  ({time.time() - t0:.1f}s)", flush=True)
+            del ops
+            torch.cuda.empty_cache()
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{card}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"\n{'op':6} {'mode':8} {'D':>4} {'T':>6} {'B':>2} {'ms':>9} {'sdpa':>9} {'x sdpa':>7} {'floor':>8} {'%floor':>6}")
+    for r in rows:
+        print(f"{r['op']:6} {r['mode']:8} {r['D']:>4} {r['T']:>6} {r['B']:>2} {r['ms']:>9.3f} {r['sdpa_ms']:>9.3f} "
+              f"{r['ratio_to_sdpa']:>7.2f} {r['hbm_floor_ms']:>8.3f} {r['pct_of_floor']:>6.1f}")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
