@@ -102,7 +102,7 @@ def test_prefill_then_decode_equals_full_forward(arch):
     assert (inc - full)[v].abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ALL)
 def test_cache_bytes_do_not_grow(arch):
     W = 16
     model = ligerfx.transform(tiny(arch), config=ligerfx.LigerConfig(window=W))
@@ -154,7 +154,7 @@ def test_assisted_decoding_is_refused():
         model.generate(ids, attention_mask=mask, max_new_tokens=4, assistant_model=tiny("llama"))
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ALL)
 def test_save_and_reload(tmp_path, arch):
     cfg = ligerfx.LigerConfig(window=8, mix=0.25)
     model = ligerfx.transform(tiny(arch), config=cfg)
@@ -262,3 +262,31 @@ def test_recapture_for_new_dtype_keeps_lora_in_the_gate():
     assert not torch.allclose(base, with_lora)
     assert (again - with_lora.double()).abs().max().item() < 1e-4
     assert len(model.model.layers[0].self_attn._ligerfx.fns) == 2  # one derived forward per dtype
+
+
+def test_fused_qkv_and_partial_rotary():
+    """Phi-3: one fused qkv projection sliced into q/k/v, RoPE on half of each head."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    model = Phi3ForCausalLM(cfg).eval()
+    ligerfx.transform(model)
+    site = ligerfx.sites(model)[0]
+    assert site.projections["q"] == site.projections["k"] == site.projections["v"] == \
+        "model.layers.0.self_attn.qkv_proj"
+    ids, mask, pos = left_padded(T=90, pad=(0, 5))
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos).logits
+        cache = DynamicCache(config=model.config)
+        outs = [model(ids[:, :20], attention_mask=mask[:, :20], position_ids=pos[:, :20], cache=cache,
+                      use_cache=True).logits]
+        for t in range(20, 90):
+            outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                              cache=cache, use_cache=True).logits)
+    v = mask.bool()[..., None].expand_as(full)
+    assert (torch.cat(outs, 1) - full)[v].abs().max().item() <= 1e-5
+    # the gate is the full key head (both the rotated and the pass-through half), pre-RoPE
+    info = model.model.layers[0].self_attn._ligerfx.info
+    assert info.head_dim == 16 and info.n_heads == 4 and info.n_kv_heads == 2
