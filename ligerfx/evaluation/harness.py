@@ -191,13 +191,21 @@ def _cache_of(out):
 
 
 def _default_texts(data_dir: Path, n: int) -> List[str]:
-    """Real text for the consistency check: the first ``n`` LAMBADA passages (several hundred tokens each)."""
+    """Real text for the consistency check: the first ``n`` WikiText-2 test articles (detokenized like lm-eval's
+    wikitext task; thousands of tokens each), else LAMBADA passages when the WikiText file is absent."""
+    from .lmeval_utils import wikitext_detokenizer
+    from .tasks import wikitext_pages
+
+    wiki = Path(data_dir) / "wikitext2/wiki.test.raw"
+    if wiki.is_file():
+        pages = wikitext_pages(wiki.read_text(encoding="utf-8"))[:n]
+        return [wikitext_detokenizer({"page": p}).strip() for p in pages]
     return [it["context"] + " " + it["continuation"] for it in _lambada_items(data_dir, n)]
 
 
 @torch.no_grad()
 def decode_consistency(model, tokenizer, texts: Optional[Sequence[str]] = None, data_dir: Optional[os.PathLike] = None,
-                       n_texts: int = 4, max_tokens: int = 256, prefill: Sequence[int] = (1, 32)) -> Dict[str, Any]:
+                       n_texts: int = 4, max_tokens: int = 256, prefill: Sequence[int] = (1, 100)) -> Dict[str, Any]:
     """Compare logits of cached step-by-step decoding with one full (uncached) forward over the same tokens.
 
     For each text (``max_tokens`` tokens at most) and each prefill length ``p``: the first ``p`` tokens are run in one
@@ -315,7 +323,7 @@ def markdown_table(report: Dict[str, Any]) -> str:
     if dc:
         lines += [
             "",
-            f"Decode vs full-forward logits ({dc['n_texts']} LAMBADA texts, ≤{dc['max_tokens']} tokens, prefill "
+            f"Decode vs full-forward logits ({dc['n_texts']} texts, ≤{dc['max_tokens']} tokens, prefill "
             f"{dc['prefill']}): max |Δ| = {dc['max_abs_diff']:.3g}, mean |Δ| = {dc['mean_abs_diff']:.3g}, "
             f"argmax agreement {dc['argmax_agreement']:.2f}%",
         ]
