@@ -12,22 +12,33 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+class _Launcher:
+    """``kernel[grid](**kwargs)`` with launch options from a fixed default or from Triton's autotuner."""
+
+    def __init__(self, fn, configs, key, default):
+        self.fn = fn
+        self.default = default or (lambda kw: configs[0])
+        self.tuner = triton.autotune(configs=configs, key=key)(fn)
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            if interpreting():
+                return self.fn[grid](**kwargs)
+            if os.environ.get("LIGERFX_AUTOTUNE", "0") == "1":
+                return self.tuner[grid](**kwargs)
+            cfg = self.default(kwargs)
+            return self.fn[grid](**kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return launch
+
+
 def autotune(configs, key, default=None):
-    """``triton.autotune`` over ``configs``, with two ways out of benchmarking.
+    """Decorator: launch with ``default(kwargs)`` (a ``triton.Config``; first config if None), or autotune over
+    ``configs`` keyed on ``key`` when ``LIGERFX_AUTOTUNE=1``.
 
-    Under the interpreter only the first config is kept (the interpreter cannot benchmark). With
-    ``LIGERFX_AUTOTUNE=0`` no config is benchmarked either: ``default(kwargs)`` (or the first config) is used, which
-    saves the compile time of the other configs (GPU tests, quick benchmarks).
+    Off by default: the defaults are tiles checked to compile without register spills, and tuning costs every
+    config's compile time at the first call of each shape. Under the interpreter no launch option is passed.
     """
-    if interpreting():
-        return triton.autotune(configs=configs[:1], key=key)
-
-    def prune(configs, named_args, **kwargs):
-        if os.environ.get("LIGERFX_AUTOTUNE", "1") == "0":
-            return [default({**named_args, **kwargs}) if default is not None else configs[0]]
-        return configs
-
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
+    return lambda fn: _Launcher(fn, configs, key, default)
 
 
 def warps_stages(warps=(4, 8), stages=(1, 2, 3)):

@@ -26,11 +26,14 @@ Kernels (one host wrapper each, keyword launches)::
               gla_bwd_kernel_dqk (dq, dk, db = q.dq - k.dk), gla_bwd_kernel_dv, gla_bwd_kernel_dg (reverse cumsum)
 
 The gate gradient uses ``d/db_t = sum_heads q_t dq_t - k_t dk_t`` for the global cumulative gate b, plus
-``rowsum(hT * dhT)`` at the last step, then ``dg = reverse_cumsum(db)``. Per-chunk states ``h`` and ``dh`` are kept in
-the input dtype (the dots read them in that dtype), the running state in fp32.
+``rowsum(hT * dhT)`` at the last step, then ``dg = reverse_cumsum(db)``. That difference amplifies the relative error
+of dq and dk about tenfold, so the backward pass keeps the per-chunk states ``h``, ``dh`` in fp32 and feeds every
+dot fp32 operands (tf32 for 16-bit inputs, ``LIGERFX_GLA_BWD_PREC=tf32x3`` for more); the forward pass stores ``h``
+in the input dtype and runs its dots in that dtype. Running states are always fp32.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -47,9 +50,9 @@ def chunk_size(T: int) -> int:
 
 
 # name -> (BK cap, BV cap, num_warps, num_stages): the largest tiles that compile without register spills on sm_90 in
-# bf16 (cuobjdump --dump-resource-usage, triton 3.9 offline); the config used when autotuning is off.
-BLOCKS = {"h": (32, 64, 4, 2), "dh": (32, 64, 8, 2), "o": (32, 128, 8, 1), "dqk": (16, 64, 8, 1),
-          "dv": (32, 128, 8, 1), "dg": (64, 64, 4, 2)}
+# bf16 inputs (cuobjdump --dump-resource-usage, triton 3.9 offline); the launch config unless LIGERFX_AUTOTUNE=1.
+BLOCKS = {"h": (32, 64, 4, 2), "dh": (32, 64, 8, 2), "o": (32, 128, 8, 1), "dqk": (16, 32, 8, 1),
+          "dv": (32, 64, 8, 1), "dg": (64, 64, 4, 2)}
 
 
 def _blocks(name: str, K: int, V: int):
@@ -124,7 +127,9 @@ def gla_fwd_kernel_h(k, v, g, gc, h, h0, ht, T, K: tl.constexpr, V: tl.constexpr
         b_k = tl.load(p_k + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
         b_v = tl.load(p_v + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         b_kd = b_k * tl.exp(tl.minimum(b_gl[None, :] - b_gc, 0.))
-        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kd.to(b_v.dtype)), b_v, input_precision=PREC)
+        # dot operands in the dtype the states are stored in (fp32 for the backward pass)
+        b_kv = tl.dot(tl.trans(b_kd).to(p_h.dtype.element_ty), b_v.to(p_h.dtype.element_ty), input_precision=PREC)
+        b_h = b_h * tl.exp(b_gl)[:, None] + b_kv
     tl.store(ht + i_bh * K * V + o_kv, b_h, mask=m_kv)
 
 
@@ -201,8 +206,8 @@ def gla_bwd_kernel_dh(q, gc, do, dh, dht, dh0, T, G: tl.constexpr, K: tl.constex
                           other=0.)
             b_do = tl.load(do + i_hq * T * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                            other=0.)
-            b_qg = (b_q * tl.exp(b_gc)).to(b_do.dtype)
-            b_dh += tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)
+            b_qg = b_q * tl.exp(b_gc)
+            b_dh += tl.dot(tl.trans(b_qg), b_do.to(tl.float32), input_precision=PREC)
     tl.store(dh0 + i_bh * K * V + o_kv, b_dh, mask=m_kv)
 
 
@@ -241,7 +246,7 @@ def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K
         m_v = o_v < V
         b_v = tl.load(p_v + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        b_dk += tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)), input_precision=PREC)
+        b_dk += tl.dot(b_v.to(tl.float32), tl.trans(b_dh.to(tl.float32)), input_precision=PREC)
     b_dk *= tl.exp(tl.minimum(b_gl[None, :] - b_gc, 0.))
 
     b_db = tl.zeros([BT, BK], dtype=tl.float32)
@@ -258,8 +263,9 @@ def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K
             b_do = tl.load(p_do + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
             b_v = tl.load(p_v + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
             b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-            b_dq += tl.dot(b_do, tl.trans(b_h.to(b_do.dtype)), input_precision=PREC)
-            b_dA += tl.dot(b_do, tl.trans(b_v.to(b_do.dtype)), input_precision=PREC)
+            b_do = b_do.to(tl.float32)
+            b_dq += tl.dot(b_do, tl.trans(b_h.to(tl.float32)), input_precision=PREC)
+            b_dA += tl.dot(b_do, tl.trans(b_v.to(tl.float32)), input_precision=PREC)
         b_dq *= tl.exp(b_gc)
         b_dA = tl.where(b_causal, b_dA, 0.)
 
@@ -328,8 +334,8 @@ def gla_bwd_kernel_dv(q, k, gc, do, dh, dv, T, G: tl.constexpr, K: tl.constexpr,
         b_gc = tl.load(p_gc + o_tc[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.)
         b_gl = tl.load(p_gc + tl.minimum(i_t * BT + BT - 1, T - 1) * K + o_k, mask=m_k, other=0.)
         b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        b_kd = (b_k * tl.exp(tl.minimum(b_gl[None, :] - b_gc, 0.))).to(b_dh.dtype)
-        b_dv += tl.dot(b_kd, b_dh, input_precision=PREC)
+        b_kd = b_k * tl.exp(tl.minimum(b_gl[None, :] - b_gc, 0.))
+        b_dv += tl.dot(b_kd, b_dh.to(tl.float32), input_precision=PREC)
     for i_g in range(G):
         i_hq = i_bh * G + i_g
         p_q = q + i_hq * T * K
@@ -344,7 +350,7 @@ def gla_bwd_kernel_dv(q, k, gc, do, dh, dv, T, G: tl.constexpr, K: tl.constexpr,
             b_A = _gla_intra_A(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k,
                                K=K, BT=BT, BC=BC, NC=NC, PREC=PREC_A)
         b_do = tl.load(do + i_hq * T * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
-        b_dv += tl.dot(tl.trans(b_A).to(b_do.dtype), b_do, input_precision=PREC)
+        b_dv += tl.dot(tl.trans(b_A), b_do.to(tl.float32), input_precision=PREC)
     tl.store(dv + i_bh * T * V + o_t[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
 
@@ -381,12 +387,12 @@ def gla_bwd_kernel_dg(db, ht, dht, dg, T, K: tl.constexpr, V: tl.constexpr, BT: 
 
 
 # ------------------------------------------------------------------------------------------------ host wrappers
-def _fwd_h(k, v, g, h0, BT):
+def _fwd_h(k, v, g, h0, BT, h_dtype):
     B, HKV, T, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
     BK, BV = _blocks("h", K, V)
-    h = k.new_empty(B, HKV, NT, K, V)
+    h = k.new_empty(B, HKV, NT, K, V, dtype=h_dtype)
     gc = k.new_empty(B, HKV, T, K, dtype=torch.float32)
     ht = k.new_empty(B, HKV, K, V, dtype=torch.float32)
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * HKV)
@@ -419,7 +425,7 @@ def chunk_gla_fwd(q, k, v, g, h0: Optional[torch.Tensor] = None):
     """Forward: ``(o [B,HQ,T,V] fp32, hT [B,HKV,K,V] fp32)``; see the module docstring."""
     q, k, v, g = _prep(q, k, v, g)
     BT = chunk_size(q.shape[2])
-    h, gc, ht = _fwd_h(k, v, g, None if h0 is None else h0.contiguous(), BT)
+    h, gc, ht = _fwd_h(k, v, g, None if h0 is None else h0.contiguous(), BT, k.dtype)
     return _fwd_o(q, k, v, gc, h, BT), ht
 
 
@@ -432,11 +438,13 @@ def chunk_gla_bwd(q, k, v, g, h0, do, dhT):
     G = HQ // HKV
     BT = chunk_size(T)
     NT = triton.cdiv(T, BT)
-    prec = dot_precision(q.dtype)
-    do = q.new_zeros(B, HQ, T, V) if do is None else do.to(q.dtype).contiguous()
+    # fp32 states and fp32 dot operands (tf32 for 16-bit inputs): the gate gradient comes from the difference
+    # q.dq - k.dk, which amplifies the relative error of dq and dk about tenfold
+    prec = os.environ.get("LIGERFX_GLA_BWD_PREC", dot_precision(q.dtype)) if q.dtype != torch.float32 else "ieee"
+    do = q.new_zeros(B, HQ, T, V, dtype=torch.float32) if do is None else do.contiguous()
     dhT = None if dhT is None else dhT.contiguous()
 
-    h, gc, ht = _fwd_h(k, v, g, None if h0 is None else h0.contiguous(), BT)
+    h, gc, ht = _fwd_h(k, v, g, None if h0 is None else h0.contiguous(), BT, torch.float32)
     dh = torch.empty_like(h)
     dh0 = k.new_empty(B, HKV, K, V, dtype=torch.float32)
     BK, BV = _blocks("dh", K, V)
