@@ -106,6 +106,20 @@ def make_ops(B, T, D, dtype=torch.bfloat16):
     }, [qr, kr, vr]
 
 
+def profile(B, T, D):
+    """Per-kernel CUDA time of one GLA and one SWA forward+backward (after a warm-up call)."""
+    ops, _ = make_ops(B, T, D)
+    for key in (("gla", "fwd+bwd"), ("swa", "fwd+bwd")):
+        ops[key]()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                ops[key]()
+            torch.cuda.synchronize()
+        print(f"== {key[0]} {key[1]} B={B} T={T} D={D} HQ,HKV={HEADS[D]} (3 calls)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=40))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
@@ -113,9 +127,15 @@ def main():
     ap.add_argument("--max-T-256", type=int, default=32768, help="longest T timed at D=256")
     ap.add_argument("--max-T-64", type=int, default=32768, help="longest T timed at D=64")
     ap.add_argument("--compile-only", action="store_true", help="run every kernel once at T=256 (warms the cache)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel CUDA times (torch.profiler) per --D/--T")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     print("command:", " ".join(["python"] + sys.argv), flush=True)
+    if args.profile:
+        for D in args.D:
+            for T in args.T:
+                profile(max(1, 16384 // T), T, D)
+        return
     if args.compile_only:
         for D in args.D:
             for fn in make_ops(2, 256, D)[0].values():

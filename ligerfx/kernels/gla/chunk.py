@@ -43,6 +43,9 @@ import triton.language as tl
 from ..utils import autotune, common_dtype, dot_precision, warps_stages
 
 BC = 16  # sub-chunk size (rows of one element-wise diagonal block)
+# A chunk (per K block) whose total log decay stays above -FAST_DECAY takes the one-dot intra-chunk path; stronger
+# decays take the sub-chunk path, whose exponents are all <= 0.
+FAST_DECAY = tl.constexpr(30.0)
 
 
 def chunk_size(T: int) -> int:
@@ -69,6 +72,22 @@ def _default(name: str):
 def _gla_intra_A(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k,
                  K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NC: tl.constexpr, PREC: tl.constexpr):
     """Adds one K block's share of A[i, j] = sum_d q_id k_jd exp(c_id - c_jd), j <= i, to ``b_A`` [BT, BT]."""
+    o_i = tl.arange(0, BT)
+    if tl.min(b_gc) > -FAST_DECAY:
+        # mild gates: factorise through the chunk start, exp(c_i) <= 1 and exp(-c_j) <= exp(FAST_DECAY)
+        b_qg = b_q * tl.exp(b_gc)
+        b_kg = b_k * tl.exp(-b_gc)
+        b_A += tl.where(o_i[:, None] >= o_i[None, :], tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC), 0.)
+    else:
+        b_A = _gla_intra_A_strong(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k, K=K, BT=BT, BC=BC, NC=NC,
+                                  PREC=PREC)
+    return b_A
+
+
+@triton.jit
+def _gla_intra_A_strong(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k,
+                        K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NC: tl.constexpr, PREC: tl.constexpr):
+    """``_gla_intra_A`` for any gate strength: every exponent stays <= 0."""
     o_i = tl.arange(0, BT)
     for i_c in range(1, NC):
         # reference row: first row of query sub-chunk i_c
@@ -238,6 +257,10 @@ def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K
     b_gc = tl.load(p_gc + o_tc[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.)
     b_gl = tl.load(p_gc + tl.minimum(i_t * BT + BT - 1, T - 1) * K + o_k, mask=m_k, other=0.)
     b_causal = o_i[:, None] >= o_i[None, :]
+    # mild gates: one dot per head for the intra-chunk dq and dk (see _gla_intra_A)
+    b_fast = tl.min(b_gc) > -FAST_DECAY
+    b_kg = b_k * tl.exp(tl.minimum(-b_gc, FAST_DECAY))
+    b_dkg = tl.zeros([BT, BK], dtype=tl.float32)
 
     # inter-chunk dk: v dh^T, decayed to the chunk end
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -268,42 +291,56 @@ def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K
             b_dA += tl.dot(b_do, tl.trans(b_v.to(tl.float32)), input_precision=PREC)
         b_dq *= tl.exp(b_gc)
         b_dA = tl.where(b_causal, b_dA, 0.)
-
-        # intra-chunk, off-diagonal sub-chunks
-        for i_c in range(1, NC):
-            # dq rows of sub-chunk i_c: reference = its first row
-            t_r = tl.minimum(i_t * BT + i_c * BC, T - 1)
-            b_gr = tl.load(p_gc + t_r * K + o_k, mask=m_k, other=0.)
-            b_kr = b_k * tl.exp(tl.minimum(b_gr[None, :] - b_gc, 0.))
-            b_dAr = tl.where(((o_i // BC) == i_c)[:, None] & (o_i < i_c * BC)[None, :], b_dA, 0.)
-            b_dq += tl.dot(b_dAr, b_kr, input_precision=PREC_A) * tl.exp(tl.minimum(b_gc - b_gr[None, :], 0.))
-            # dk rows of sub-chunk i_c - 1: reference = its last row
-            t_m = tl.minimum(i_t * BT + i_c * BC - 1, T - 1)
-            b_gm = tl.load(p_gc + t_m * K + o_k, mask=m_k, other=0.)
-            b_qm = b_q * tl.exp(tl.minimum(b_gc - b_gm[None, :], 0.))
-            b_dAm = tl.where((o_i >= i_c * BC)[:, None] & ((o_i // BC) == i_c - 1)[None, :], b_dA, 0.)
-            b_dk += tl.dot(tl.trans(b_dAm), b_qm, input_precision=PREC_A) * tl.exp(tl.minimum(b_gm[None, :] - b_gc, 0.))
-        # intra-chunk, diagonal sub-chunks, element-wise
-        for i_c in range(BC):
-            o_j = (o_i // BC) * BC + i_c
-            t_j = i_t * BT + o_j
-            m_j = (t_j < T)[:, None] & m_k[None, :]
-            b_gj = tl.load(p_gc + tl.minimum(t_j, T - 1)[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.)
-            # dq_i += dA[i, j] k_j exp(c_i - c_j) with j = block(i) + i_c <= i
-            b_kj = tl.load(p_k + t_j[:, None] * K + o_k[None, :], mask=m_j, other=0.).to(tl.float32)
-            b_dAj = tl.sum(tl.where(o_i[None, :] == o_j[:, None], b_dA, 0.), 1)
-            b_dq += tl.where(((o_i % BC) >= i_c)[:, None],
-                             b_dAj[:, None] * b_kj * tl.exp(tl.minimum(b_gc - b_gj, 0.)), 0.)
-            # dk_j += dA[i, j] q_i exp(c_i - c_j) with i = block(j) + i_c >= j
-            b_qj = tl.load(p_q + t_j[:, None] * K + o_k[None, :], mask=m_j, other=0.).to(tl.float32)
-            b_dAi = tl.sum(tl.where(o_i[:, None] == o_j[None, :], b_dA, 0.), 0)
-            b_dk += tl.where(((o_i % BC) <= i_c)[:, None],
-                             b_dAi[:, None] * b_qj * tl.exp(tl.minimum(b_gj - b_gc, 0.)), 0.)
+        if b_fast:
+            b_dq += tl.dot(b_dA, b_kg, input_precision=PREC_A) * tl.exp(b_gc)
+            b_dkg += tl.dot(tl.trans(b_dA), b_q * tl.exp(b_gc), input_precision=PREC_A)
+        else:
+            b_dq, b_dk = _gla_bwd_intra_strong(b_dq, b_dk, b_dA, b_q, b_k, b_gc, p_q, p_k, p_gc, i_t, T, o_k, m_k,
+                                               K=K, BT=BT, BC=BC, NC=NC, PREC=PREC_A)
         tl.store(dq + i_hq * T * K + o_t[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
         b_db += b_q * b_dq
+    b_dk += b_dkg * tl.exp(tl.minimum(-b_gc, FAST_DECAY))
     b_db -= b_k * b_dk
     tl.store(dk + i_bh * T * K + o_t[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(db + i_bh * T * K + o_t[:, None] * K + o_k[None, :], b_db, mask=m_tk)
+
+
+@triton.jit
+def _gla_bwd_intra_strong(b_dq, b_dk, b_dA, b_q, b_k, b_gc, p_q, p_k, p_gc, i_t, T, o_k, m_k, K: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, NC: tl.constexpr, PREC: tl.constexpr):
+    """Gated intra-chunk parts of dq (one query head) and dk for any gate strength (every exponent <= 0)."""
+    o_i = tl.arange(0, BT)
+    # intra-chunk, off-diagonal sub-chunks
+    for i_c in range(1, NC):
+        # dq rows of sub-chunk i_c: reference = its first row
+        t_r = tl.minimum(i_t * BT + i_c * BC, T - 1)
+        b_gr = tl.load(p_gc + t_r * K + o_k, mask=m_k, other=0.)
+        b_kr = b_k * tl.exp(tl.minimum(b_gr[None, :] - b_gc, 0.))
+        b_dAr = tl.where(((o_i // BC) == i_c)[:, None] & (o_i < i_c * BC)[None, :], b_dA, 0.)
+        b_dq += tl.dot(b_dAr, b_kr, input_precision=PREC) * tl.exp(tl.minimum(b_gc - b_gr[None, :], 0.))
+        # dk rows of sub-chunk i_c - 1: reference = its last row
+        t_m = tl.minimum(i_t * BT + i_c * BC - 1, T - 1)
+        b_gm = tl.load(p_gc + t_m * K + o_k, mask=m_k, other=0.)
+        b_qm = b_q * tl.exp(tl.minimum(b_gc - b_gm[None, :], 0.))
+        b_dAm = tl.where((o_i >= i_c * BC)[:, None] & ((o_i // BC) == i_c - 1)[None, :], b_dA, 0.)
+        b_dk += tl.dot(tl.trans(b_dAm), b_qm, input_precision=PREC) * tl.exp(tl.minimum(b_gm[None, :] - b_gc, 0.))
+    # intra-chunk, diagonal sub-chunks, element-wise
+    for i_c in range(BC):
+        o_j = (o_i // BC) * BC + i_c
+        t_j = i_t * BT + o_j
+        m_j = (t_j < T)[:, None] & m_k[None, :]
+        b_gj = tl.load(p_gc + tl.minimum(t_j, T - 1)[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.)
+        # dq_i += dA[i, j] k_j exp(c_i - c_j) with j = block(i) + i_c <= i
+        b_kj = tl.load(p_k + t_j[:, None] * K + o_k[None, :], mask=m_j, other=0.).to(tl.float32)
+        b_dAj = tl.sum(tl.where(o_i[None, :] == o_j[:, None], b_dA, 0.), 1)
+        b_dq += tl.where(((o_i % BC) >= i_c)[:, None],
+                         b_dAj[:, None] * b_kj * tl.exp(tl.minimum(b_gc - b_gj, 0.)), 0.)
+        # dk_j += dA[i, j] q_i exp(c_i - c_j) with i = block(j) + i_c >= j
+        b_qj = tl.load(p_q + t_j[:, None] * K + o_k[None, :], mask=m_j, other=0.).to(tl.float32)
+        b_dAi = tl.sum(tl.where(o_i[:, None] == o_j[None, :], b_dA, 0.), 0)
+        b_dk += tl.where(((o_i % BC) <= i_c)[:, None],
+                         b_dAi[:, None] * b_qj * tl.exp(tl.minimum(b_gj - b_gc, 0.)), 0.)
+    return b_dq, b_dk
 
 
 @autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G"], default=_default("dv"))
