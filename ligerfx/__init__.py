@@ -9,6 +9,7 @@ from .passes.patterns import UnsupportedAttentionError
 from .passes.linearize import counters
 from .api import AttentionSite, cache_nbytes, from_pretrained, sites, teacher_mode, transform
 from .adapters import load_adapter, merge_lora, save_adapter
+from . import backend  # registers torch.compile(backend="ligerfx")
 
 __version__ = "0.1.0"
 __all__ = ["LigerConfig", "UnsupportedAttentionError", "AttentionSite", "transform", "from_pretrained", "sites",

@@ -58,6 +58,10 @@ def _impl(op: str, x: Tensor) -> Callable:
     return _REFERENCE[op]
 
 
+def _new(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
 # ---------------------------------------------------------------------------------------------------------- GLA
 @torch.library.custom_op("ligerfx::gla_fwd", mutates_args=())
 def gla_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -84,8 +88,8 @@ def gla_bwd(
 @gla_bwd.register_fake
 def _(q, k, v, g, h0, do, dhT):
     B, HKV, K, V = k.shape[0], k.shape[1], k.shape[-1], v.shape[-1]
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
-            q.new_empty(B, HKV, K, V, dtype=torch.float32))
+    # contiguous, like the real outputs (empty_like would copy a transposed input's strides)
+    return (_new(q), _new(k), _new(v), _new(g), q.new_empty(B, HKV, K, V, dtype=torch.float32))
 
 
 def _gla_setup(ctx, inputs, output):
@@ -129,7 +133,7 @@ def swa_bwd(
 
 @swa_bwd.register_fake
 def _(q, k, v, q_pos, k_pos, o, lse, do, scale, window, sinks):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _new(q), _new(k), _new(v)
 
 
 def _swa_setup(ctx, inputs, output):

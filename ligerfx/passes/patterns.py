@@ -57,7 +57,10 @@ ASSERTS = {"assert_tensor_metadata", "assert_scalar", "sym_constrain_range_for_s
 
 
 def val(n: Any):
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
+    if not isinstance(n, fx.Node):
+        return None
+    v = n.meta.get("val")
+    return v if v is not None else n.meta.get("example_value")  # export graphs / Dynamo graphs
 
 
 def shape(n: fx.Node) -> tuple:
@@ -218,10 +221,11 @@ def strip_repeat_kv(x: fx.Node) -> fx.Node:
     return x
 
 
-def rope_input(x: fx.Node, positional: set[fx.Node]) -> fx.Node:
+def rope_input(x: fx.Node, positional: set[fx.Node], roots: frozenset = frozenset()) -> fx.Node:
     """The tensor RoPE was applied to (pre-RoPE q or k), found by data flow, not by pattern.
 
-    ``positional`` are the nodes that depend on positions (cos/sin, position ids). RoPE's output depends on them;
+    ``positional`` are the nodes that depend on positions (cos/sin, position ids; ``roots`` are where they enter
+    the module). RoPE's output depends on them;
     its data inputs do not. The pre-RoPE tensor is the latest node from which every data input of the RoPE region
     is reachable through pure rearrangements (slices, ``neg``/``cat`` of rotate_half, partial-rotary splits).
     Returns ``x`` itself when ``x`` does not depend on positions (no RoPE, e.g. learned position embeddings).
@@ -231,6 +235,8 @@ def rope_input(x: fx.Node, positional: set[fx.Node]) -> fx.Node:
     region = {a for a in ancestors(x) if a in positional} | {x}
     feeders = set()
     for r in region:
+        if r in roots:  # a positional input (cos/sin computed outside the module): its own inputs do not count
+            continue
         for a in r.all_input_nodes:
             if a not in positional and isinstance(val(a), torch.Tensor) and a.op != "placeholder":
                 feeders.add(a)
@@ -245,7 +251,7 @@ def rope_input(x: fx.Node, positional: set[fx.Node]) -> fx.Node:
         while stack:
             y = stack.pop()
             if opname(y) in ROPE_WALK:
-                for a in tensor_inputs(y):
+                for a in data_inputs(y):
                     if a not in out:
                         out.add(a)
                         stack.append(a)
@@ -287,6 +293,14 @@ def projection_of(x: fx.Node) -> Optional[fx.Node]:
     return None
 
 
+def data_inputs(n: fx.Node) -> list[fx.Node]:
+    """The operands a rearrangement moves data from (``type_as(x, ref)`` reads only ``ref``'s dtype)."""
+    if opname(n) in {"cat", "stack"}:
+        return [a for a in n.args[0] if isinstance(a, fx.Node)]
+    first = n.args[0] if n.args else None
+    return [first] if isinstance(first, fx.Node) else tensor_inputs(n)
+
+
 def gate_source(proj: fx.Node, k_pre: fx.Node) -> fx.Node:
     """The key projection output split into heads, before any norm or rotary: the Liger gate source.
 
@@ -295,7 +309,7 @@ def gate_source(proj: fx.Node, k_pre: fx.Node) -> fx.Node:
     anc = ancestors(k_pre) | {k_pre}
     cur = proj
     while cur is not k_pre:
-        nxt = [u for u in cur.users if u in anc and opname(u) in REARRANGE]
+        nxt = [u for u in cur.users if u in anc and opname(u) in REARRANGE and cur in data_inputs(u)]
         if len(nxt) != 1 or len(shape(nxt[0])) == 0:
             break
         cur = nxt[0]

@@ -1,0 +1,87 @@
+"""torch.compile(backend="ligerfx"): the linearize pass on Dynamo graphs, lowered by AOT/Inductor."""
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import ligerfx
+from ligerfx.backend import make_backend
+from models import left_padded, tiny
+
+
+def _valid_close(a, b, mask, tol):
+    v = mask.bool()[..., None].expand_as(a)
+    return (a - b)[v].abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_backend_linearizes_untransformed_model(arch):
+    model = tiny(arch)
+    eager = ligerfx.transform(copy.deepcopy(model))
+    ids, mask, pos = left_padded(T=40, pad=(0, 5))
+    torch._dynamo.reset()
+    before = ligerfx.counters["backend.linearize"]
+    compiled = torch.compile(model, backend=make_backend("aot_eager"))
+    with torch.no_grad():
+        a = compiled(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        b = eager(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    assert ligerfx.counters["backend.linearize"] - before == model.config.num_hidden_layers
+    assert _valid_close(a, b, mask, 1e-5)
+
+
+def test_backend_training_step_matches_eager():
+    model = tiny("qwen3")
+    eager = ligerfx.transform(copy.deepcopy(model))
+    ids, mask, pos = left_padded(T=32, pad=(0, 4))
+    labels = ids.masked_fill(mask == 0, -100)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=make_backend("aot_eager"))
+    la = compiled(ids, attention_mask=mask, position_ids=pos, labels=labels, use_cache=False).loss
+    lb = eager(ids, attention_mask=mask, position_ids=pos, labels=labels, use_cache=False).loss
+    la.backward()
+    lb.backward()
+    assert abs(la.item() - lb.item()) < 1e-5
+    ga = model.model.layers[1].self_attn.k_proj.weight.grad
+    gb = eager.model.layers[1].self_attn.k_proj.weight.grad
+    assert (ga - gb).abs().max().item() < 1e-5
+
+
+def test_backend_inductor_registered_by_name():
+    model = tiny("llama")
+    eager = ligerfx.transform(copy.deepcopy(model))
+    ids, mask, pos = left_padded(T=24, pad=(0, 3))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="ligerfx")
+    with torch.no_grad():
+        a = compiled(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        b = eager(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    assert _valid_close(a, b, mask, 1e-5)
+
+
+def test_backend_refuses_decode_of_untransformed_model():
+    model = tiny("llama")
+    ids, mask, pos = left_padded(T=12)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=make_backend("aot_eager"))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        compiled(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        with pytest.raises(Exception, match=r"ligerfx\.transform"):
+            compiled(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), position_ids=pos[:, -1:] + 1,
+                     cache=cache, use_cache=True)
+
+
+def test_compiling_a_transformed_model_has_no_graph_breaks():
+    model = ligerfx.transform(tiny("llama"))
+    ids, mask, pos = left_padded(T=40, pad=(0, 5))
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(model)(ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    assert explain.graph_count == 1 and explain.graph_break_count == 0
+    before = ligerfx.counters["backend.linearize"]
+    compiled = torch.compile(model, backend=make_backend("aot_eager"))
+    with torch.no_grad():
+        a = compiled(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        b = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    assert ligerfx.counters["backend.linearize"] == before  # nothing to rewrite: the ligerfx ops are there
+    assert _valid_close(a, b, mask, 1e-5)
