@@ -78,6 +78,13 @@ def test_gla_chunk_strong_gates_many_chunks():
     check_gla(*gla_inputs(T=150, K=16, V=16, strong=True), with_dht=False)
 
 
+def test_gla_chunk_mixed_gate_strength():
+    """Chunks with mild gates (one-dot path) next to a chunk with strong gates (sub-chunk path)."""
+    q, k, v, g, h0 = gla_inputs(HKV=2, G=2, T=170)
+    g[:, 1, 70:120] = F.logsigmoid(torch.randn(1, 50, 16) * 8)
+    check_gla(q, k, v, g, h0)
+
+
 def test_gla_chunk_split_head_dims():
     """Head dims that are no power of two and span two K blocks (BK = 64)."""
     check_gla(*gla_inputs(T=20, K=80, V=24, G=2))

@@ -6,30 +6,38 @@ o per query head; ``g`` is the log forget gate, ``<= 0``; scale 1)::
     chunk_gla_fwd(q, k, v, g, h0)              -> o [B, HQ, T, V] fp32, hT [B, HKV, K, V] fp32
     chunk_gla_bwd(q, k, v, g, h0, do, dhT)     -> dq, dk, dv, dg (input dtypes), dh0 fp32
 
-Algorithm. Time is cut into chunks of ``BT`` (64) tokens and each chunk into ``NC`` sub-chunks of ``BC`` (16). With
-``c`` the in-chunk cumulative gate and ``h_n`` the state at the start of chunk n::
+Algorithm. Time is cut into chunks of ``BT`` (64) tokens. With ``c`` the in-chunk cumulative gate, ``L_n`` chunk n's
+own contribution to the state and ``h_n`` the state at its start::
 
+    L_n     = (k * exp(c_last - c))^T v                          (all chunks in parallel)
+    h_{n+1} = diag(exp(c_last)) h_n + L_n                        (element-wise scan over chunks, no matmul)
     o_i     = (q_i * exp(c_i)) h_n + sum_{j <= i in chunk} A_ij v_j,   A_ij = sum_d q_id k_jd exp(c_id - c_jd)
-    h_{n+1} = diag(exp(c_last)) h_n + (k * exp(c_last - c))^T v
 
-Every exponent is "later minus earlier", so ``<= 0``; kernels also clamp it at 0, so no gate strength overflows.
-``A`` is built in registers as a full [BT, BT] tile: a sub-chunk pair (a > b) factorises through the first row ``r``
-of sub-chunk a, ``(q_i exp(c_i - c_r)) . (k_j exp(c_r - c_j))`` (both factors <= 1, one tensor-core dot per a, masked
-to its rows), and the diagonal sub-chunks are summed element-wise (16 steps). The same two patterns give the gated
-intra-chunk parts of dq and dk in the backward pass.
+The backward pass mirrors it: ``dL_n = sum_heads (q * exp(c))^T do`` in parallel, then the reverse scan gives the
+gradient of every chunk's end state and ``dh0``. Only the two scans are sequential, and they are element-wise, so
+they stream at memory speed whatever B * H is.
+
+Intra-chunk scores. Every exponent is "later minus earlier", so ``<= 0``. A chunk whose total log decay stays above
+``-FAST_DECAY`` (every Liger gate in practice) factorises ``A`` through the chunk start: one tensor-core dot of
+``q exp(c)`` (<= q) with ``k exp(-c)`` (<= k exp(FAST_DECAY)). Any other chunk takes the sub-chunk path: a pair of
+16-row sub-chunks (a > b) factorises through the first row of a (both factors <= 1) and diagonal sub-chunks are
+summed element-wise. The two paths are two compilations of the same kernel (``STRONG``); both are launched, and each
+program first checks its chunk and leaves at once if the chunk belongs to the other path, so no host sync decides.
+
+Gate gradient: ``d/db_t = sum_heads q_t dq_t - k_t dk_t`` for the global cumulative gate b, plus ``rowsum(hT * dhT)``
+at the last step, then ``dg = reverse_cumsum(db)`` (in-chunk in the dq/dk kernel, across chunks by adding suffix sums
+of the chunk totals). The difference amplifies the relative error of dq and dk about tenfold, so states are fp32 and
+the backward dots take fp32 operands (tf32 for 16-bit inputs; ``LIGERFX_GLA_BWD_PREC=tf32x3`` for more).
 
 Kernels (one host wrapper each, keyword launches)::
 
-    forward:  gla_fwd_kernel_h (states per chunk, in-chunk cumulative gate, hT)   sequential over chunks
-              gla_fwd_kernel_o (inter-chunk + intra-chunk output)                parallel over chunks
-    backward: gla_fwd_kernel_h (recompute), gla_bwd_kernel_dh (state gradients, dh0; sequential),
-              gla_bwd_kernel_dqk (dq, dk, db = q.dq - k.dk), gla_bwd_kernel_dv, gla_bwd_kernel_dg (reverse cumsum)
-
-The gate gradient uses ``d/db_t = sum_heads q_t dq_t - k_t dk_t`` for the global cumulative gate b, plus
-``rowsum(hT * dhT)`` at the last step, then ``dg = reverse_cumsum(db)``. That difference amplifies the relative error
-of dq and dk about tenfold, so the backward pass keeps the per-chunk states ``h``, ``dh`` in fp32 and feeds every
-dot fp32 operands (tf32 for 16-bit inputs, ``LIGERFX_GLA_BWD_PREC=tf32x3`` for more); the forward pass stores ``h``
-in the input dtype and runs its dots in that dtype. Running states are always fp32.
+    gla_fwd_kernel_local   L_n and the in-chunk cumulative gate                     parallel
+    gla_kernel_scan        h_n from L_n (forward) or dh_n from dL_n (reverse)      sequential, element-wise
+    gla_fwd_kernel_o       output                                                   parallel
+    gla_bwd_kernel_dlocal  dL_n                                                     parallel
+    gla_bwd_kernel_dqk     dq, dk, in-chunk reverse cumsum of db, chunk totals      parallel
+    gla_bwd_kernel_dv      dv                                                       parallel
+    gla_bwd_kernel_dg      dg = in-chunk part + suffix of later chunks             parallel
 """
 from __future__ import annotations
 
@@ -42,20 +50,23 @@ import triton.language as tl
 
 from ..utils import autotune, common_dtype, dot_precision, warps_stages
 
-BC = 16  # sub-chunk size (rows of one element-wise diagonal block)
-# A chunk (per K block) whose total log decay stays above -FAST_DECAY takes the one-dot intra-chunk path; stronger
-# decays take the sub-chunk path, whose exponents are all <= 0.
+BC = 16  # sub-chunk size of the strong-gate path
+# a chunk whose total log decay (every key dim) stays above -FAST_DECAY takes the one-dot intra-chunk path
 FAST_DECAY = tl.constexpr(30.0)
+SCAN_BLOCK = 512  # state elements per program of the scan
+
+# name -> (BK cap, BV cap, num_warps, num_stages): the largest tiles that compile without register spills on sm_90 in
+# bf16 (cuobjdump --dump-resource-usage, triton 3.9 offline); the launch config unless LIGERFX_AUTOTUNE=1.
+BLOCKS = {
+    "local": (64, 64, 4, 2), "dlocal": (64, 64, 8, 2), "scan": (0, 0, 4, 3), "dg": (64, 0, 4, 2),
+    "o": (32, 128, 8, 2), "o_strong": (32, 128, 8, 1),
+    "dqk": (32, 32, 8, 1), "dqk_strong": (16, 32, 8, 1),
+    "dv": (32, 128, 8, 1), "dv_strong": (32, 64, 8, 1),
+}
 
 
 def chunk_size(T: int) -> int:
     return min(64, max(BC, triton.next_power_of_2(T)))
-
-
-# name -> (BK cap, BV cap, num_warps, num_stages): the largest tiles that compile without register spills on sm_90 in
-# bf16 inputs (cuobjdump --dump-resource-usage, triton 3.9 offline); the launch config unless LIGERFX_AUTOTUNE=1.
-BLOCKS = {"h": (32, 64, 4, 2), "dh": (32, 64, 8, 2), "o": (32, 128, 8, 1), "dqk": (16, 32, 8, 1),
-          "dv": (32, 64, 8, 1), "dg": (64, 64, 4, 2)}
 
 
 def _blocks(name: str, K: int, V: int):
@@ -64,32 +75,30 @@ def _blocks(name: str, K: int, V: int):
 
 
 def _default(name: str):
-    return lambda kw: triton.Config({}, num_warps=BLOCKS[name][2], num_stages=BLOCKS[name][3])
+    def pick(kw):
+        key = name + ("_strong" if kw.get("STRONG", False) else "")
+        return triton.Config({}, num_warps=BLOCKS[key][2], num_stages=BLOCKS[key][3])
+    return pick
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
 @triton.jit
-def _gla_intra_A(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k,
-                 K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NC: tl.constexpr, PREC: tl.constexpr):
-    """Adds one K block's share of A[i, j] = sum_d q_id k_jd exp(c_id - c_jd), j <= i, to ``b_A`` [BT, BT]."""
-    o_i = tl.arange(0, BT)
-    if tl.min(b_gc) > -FAST_DECAY:
-        # mild gates: factorise through the chunk start, exp(c_i) <= 1 and exp(-c_j) <= exp(FAST_DECAY)
-        b_qg = b_q * tl.exp(b_gc)
-        b_kg = b_k * tl.exp(-b_gc)
-        b_A += tl.where(o_i[:, None] >= o_i[None, :], tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC), 0.)
-    else:
-        b_A = _gla_intra_A_strong(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k, K=K, BT=BT, BC=BC, NC=NC,
-                                  PREC=PREC)
-    return b_A
+def _chunk_is_fast(p_gc, i_t, T, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """True if the chunk's total log decay stays above -FAST_DECAY in every key dim (same answer in every kernel)."""
+    t_l = tl.minimum(i_t * BT + BT - 1, T - 1)
+    b_m = tl.zeros([BK], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_m = tl.minimum(b_m, tl.load(p_gc + t_l * K + o_k, mask=o_k < K, other=0.))
+    return tl.min(b_m, 0) > -FAST_DECAY
 
 
 @triton.jit
 def _gla_intra_A_strong(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k,
-                        K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, NC: tl.constexpr, PREC: tl.constexpr):
-    """``_gla_intra_A`` for any gate strength: every exponent stays <= 0."""
+                        K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    """Adds one K block's share of A[i, j] = sum_d q_id k_jd exp(c_id - c_jd), j <= i, every exponent <= 0."""
     o_i = tl.arange(0, BT)
-    for i_c in range(1, NC):
+    for i_c in range(1, BT // BC):
         # reference row: first row of query sub-chunk i_c
         t_r = tl.minimum(i_t * BT + i_c * BC, T - 1)
         b_gr = tl.load(p_gc + t_r * K + o_k, mask=m_k, other=0.)
@@ -109,58 +118,126 @@ def _gla_intra_A_strong(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k,
     return b_A
 
 
+@triton.jit
+def _gla_intra_A(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k, K: tl.constexpr, BT: tl.constexpr,
+                 BC: tl.constexpr, PREC: tl.constexpr, STRONG: tl.constexpr):
+    if STRONG:
+        b_A = _gla_intra_A_strong(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k, K=K, BT=BT, BC=BC, PREC=PREC)
+    else:
+        # exp(c_i) <= 1 and exp(-c_j) <= exp(FAST_DECAY)
+        o_i = tl.arange(0, BT)
+        b_qg = b_q * tl.exp(b_gc)
+        b_kg = b_k * tl.exp(-b_gc)
+        b_A += tl.where(o_i[:, None] >= o_i[None, :], tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC), 0.)
+    return b_A
+
+
+@triton.jit
+def _gla_bwd_intra_strong(b_dq, b_dk, b_dA, b_q, b_k, b_gc, p_q, p_k, p_gc, i_t, T, o_k, m_k, K: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    """Gated intra-chunk parts of dq (one query head) and dk for any gate strength (every exponent <= 0)."""
+    o_i = tl.arange(0, BT)
+    for i_c in range(1, BT // BC):
+        # dq rows of sub-chunk i_c: reference = its first row
+        t_r = tl.minimum(i_t * BT + i_c * BC, T - 1)
+        b_gr = tl.load(p_gc + t_r * K + o_k, mask=m_k, other=0.)
+        b_kr = b_k * tl.exp(tl.minimum(b_gr[None, :] - b_gc, 0.))
+        b_dAr = tl.where(((o_i // BC) == i_c)[:, None] & (o_i < i_c * BC)[None, :], b_dA, 0.)
+        b_dq += tl.dot(b_dAr, b_kr, input_precision=PREC) * tl.exp(tl.minimum(b_gc - b_gr[None, :], 0.))
+        # dk rows of sub-chunk i_c - 1: reference = its last row
+        t_m = tl.minimum(i_t * BT + i_c * BC - 1, T - 1)
+        b_gm = tl.load(p_gc + t_m * K + o_k, mask=m_k, other=0.)
+        b_qm = b_q * tl.exp(tl.minimum(b_gc - b_gm[None, :], 0.))
+        b_dAm = tl.where((o_i >= i_c * BC)[:, None] & ((o_i // BC) == i_c - 1)[None, :], b_dA, 0.)
+        b_dk += tl.dot(tl.trans(b_dAm), b_qm, input_precision=PREC) * tl.exp(tl.minimum(b_gm[None, :] - b_gc, 0.))
+    for i_c in range(BC):
+        o_j = (o_i // BC) * BC + i_c
+        t_j = i_t * BT + o_j
+        m_j = (t_j < T)[:, None] & m_k[None, :]
+        b_gj = tl.load(p_gc + tl.minimum(t_j, T - 1)[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.)
+        # dq_i += dA[i, j] k_j exp(c_i - c_j) with j = block(i) + i_c <= i
+        b_kj = tl.load(p_k + t_j[:, None] * K + o_k[None, :], mask=m_j, other=0.).to(tl.float32)
+        b_dAj = tl.sum(tl.where(o_i[None, :] == o_j[:, None], b_dA, 0.), 1)
+        b_dq += tl.where(((o_i % BC) >= i_c)[:, None], b_dAj[:, None] * b_kj * tl.exp(tl.minimum(b_gc - b_gj, 0.)), 0.)
+        # dk_j += dA[i, j] q_i exp(c_i - c_j) with i = block(j) + i_c >= j
+        b_qj = tl.load(p_q + t_j[:, None] * K + o_k[None, :], mask=m_j, other=0.).to(tl.float32)
+        b_dAi = tl.sum(tl.where(o_i[:, None] == o_j[None, :], b_dA, 0.), 0)
+        b_dk += tl.where(((o_i % BC) <= i_c)[:, None], b_dAi[:, None] * b_qj * tl.exp(tl.minimum(b_gj - b_gc, 0.)), 0.)
+    return b_dq, b_dk
+
+
 # ------------------------------------------------------------------------------------------------------ forward
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT"], default=_default("h"))
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT"], default=_default("local"))
 @triton.jit(do_not_specialize=["T"])
-def gla_fwd_kernel_h(k, v, g, gc, h, h0, ht, T, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr, PREC: tl.constexpr):
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_bh = tl.cast(i_bh, tl.int64)
+def gla_fwd_kernel_local(k, v, g, gc, hl, T, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """L_n = (k exp(c_last - c))^T v for one chunk (fp32), and the in-chunk cumulative gate c (stored by i_v == 0)."""
+    i_tb, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.cdiv(T, BT)
+    i_bh, i_t = tl.cast(i_tb // NT, tl.int64), tl.cast(i_tb % NT, tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * V + o_v[None, :]
-    p_k = k + i_bh * T * K
-    p_v = v + i_bh * T * V
-    p_g = g + i_bh * T * K
+    m_t, m_k, m_v = o_t < T, o_k < K, o_v < V
+    m_tk = m_t[:, None] & m_k[None, :]
+
+    # padded rows have g = 0: their cumulative gate repeats the last valid row's
+    b_g = tl.load(g + i_bh * T * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_gc = tl.cumsum(b_g, 0)
+    if i_v == 0:
+        tl.store(gc + i_bh * T * K + o_t[:, None] * K + o_k[None, :], b_gc, mask=m_tk)
+    b_gl = tl.sum(b_g, 0)
+    b_k = tl.load(k + i_bh * T * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
+    b_v = tl.load(v + i_bh * T * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+    b_kd = b_k * tl.exp(tl.minimum(b_gl[None, :] - b_gc, 0.))
+    b_l = tl.dot(tl.trans(b_kd), b_v.to(tl.float32), input_precision=PREC)
+    tl.store(hl + (i_bh * NT + i_t) * K * V + o_k[:, None] * V + o_v[None, :], b_l, mask=m_k[:, None] & m_v[None, :])
+
+
+@autotune(configs=warps_stages(warps=(2, 4, 8), stages=(2, 3, 4)), key=["K", "V", "BT", "BS", "REVERSE"],
+          default=_default("scan"))
+@triton.jit(do_not_specialize=["T"])
+def gla_kernel_scan(hl, gc, s0, h, st, T, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+                    USE_S0: tl.constexpr, REVERSE: tl.constexpr):
+    """s <- diag(exp(c_last,n)) s + hl[n] over the chunks n (backwards if REVERSE), storing each chunk's incoming s
+    in h[n] (``h`` may alias ``hl``: every element is read before it is overwritten). Final s goes to ``st``."""
+    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh = tl.cast(i_bh, tl.int64)
+    NT = tl.cdiv(T, BT)
+    o_s = i_s * BS + tl.arange(0, BS)
+    m_s = o_s < K * V
+    # key dim of every state element: its decay
+    o_sk = o_s // V
     p_gc = gc + i_bh * T * K
-    p_h = h + i_bh * NT * K * V
 
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_bh * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
-    for i_s in range(NT):
-        i_t = tl.cast(i_s, tl.int64)
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        m_tk = m_t[:, None] & m_k[None, :]
-        tl.store(p_h + i_t * K * V + o_kv, b_h.to(p_h.dtype.element_ty), mask=m_kv)
-        # [BT, BK]; padded rows have g = 0, so their cumulative gate equals the last valid row's
-        b_g = tl.load(p_g + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
-        b_gc = tl.cumsum(b_g, 0)
-        if i_v == 0:
-            tl.store(p_gc + o_t[:, None] * K + o_k[None, :], b_gc, mask=m_tk)
-        b_gl = tl.sum(b_g, 0)
-        b_k = tl.load(p_k + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
-        b_v = tl.load(p_v + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_kd = b_k * tl.exp(tl.minimum(b_gl[None, :] - b_gc, 0.))
-        # dot operands in the dtype the states are stored in (fp32 for the backward pass)
-        b_kv = tl.dot(tl.trans(b_kd).to(p_h.dtype.element_ty), b_v.to(p_h.dtype.element_ty), input_precision=PREC)
-        b_h = b_h * tl.exp(b_gl)[:, None] + b_kv
-    tl.store(ht + i_bh * K * V + o_kv, b_h, mask=m_kv)
+    b_s = tl.zeros([BS], dtype=tl.float32)
+    if USE_S0:
+        b_s += tl.load(s0 + i_bh * K * V + o_s, mask=m_s, other=0.).to(tl.float32)
+    for i_n in range(NT):
+        if REVERSE:
+            i_t = tl.cast(NT - 1 - i_n, tl.int64)
+        else:
+            i_t = tl.cast(i_n, tl.int64)
+        p_n = (i_bh * NT + i_t) * K * V + o_s
+        b_l = tl.load(hl + p_n, mask=m_s, other=0.)
+        b_gl = tl.load(p_gc + tl.minimum(i_t * BT + BT - 1, T - 1) * K + o_sk, mask=m_s, other=0.)
+        tl.store(h + p_n, b_s, mask=m_s)
+        b_s = b_s * tl.exp(b_gl) + b_l
+    tl.store(st + i_bh * K * V + o_s, b_s, mask=m_s)
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G"], default=_default("o"))
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G", "STRONG"],
+          default=_default("o"))
 @triton.jit(do_not_specialize=["T"])
 def gla_fwd_kernel_o(q, k, v, gc, h, o, T, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                     BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_A: tl.constexpr):
-    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                     BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, STRONG: tl.constexpr):
+    i_v, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, i_bh = tl.cast(i_t, tl.int64), tl.cast(i_bh, tl.int64)
     i_bhk = i_bh // G
+    p_gc = gc + i_bhk * T * K
+    if _chunk_is_fast(p_gc, i_t, T, K=K, BT=BT, BK=BK) == STRONG:
+        return
     NT = tl.cdiv(T, BT)
-    NC: tl.constexpr = BT // BC
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     o_tc = tl.minimum(o_t, T - 1)
@@ -168,7 +245,6 @@ def gla_fwd_kernel_o(q, k, v, gc, h, o, T, G: tl.constexpr, K: tl.constexpr, V: 
     m_v = o_v < V
     p_q = q + i_bh * T * K
     p_k = k + i_bhk * T * K
-    p_gc = gc + i_bhk * T * K
     p_h = h + (i_bhk * NT + i_t) * K * V
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
@@ -177,69 +253,59 @@ def gla_fwd_kernel_o(q, k, v, gc, h, o, T, G: tl.constexpr, K: tl.constexpr, V: 
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(p_q + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
-        b_k = tl.load(p_k + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
+        b_q = tl.load(p_q + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+        b_k = tl.load(p_k + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
         b_gc = tl.load(p_gc + o_tc[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        b_o += tl.dot((b_q * tl.exp(b_gc)).to(b_h.dtype), b_h, input_precision=PREC)
-        b_A = _gla_intra_A(b_A, b_q.to(tl.float32), b_k.to(tl.float32), b_gc, p_k, p_gc, i_t, T, o_k, m_k,
-                           K=K, BT=BT, BC=BC, NC=NC, PREC=PREC_A)
+        b_o += tl.dot(b_q * tl.exp(b_gc), b_h, input_precision=PREC)
+        b_A = _gla_intra_A(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k, K=K, BT=BT, BC=BC, PREC=PREC,
+                           STRONG=STRONG)
     b_v = tl.load(v + i_bhk * T * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-    b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
+    b_o += tl.dot(b_A, b_v.to(tl.float32), input_precision=PREC)
     tl.store(o + i_bh * T * V + o_t[:, None] * V + o_v[None, :], b_o, mask=m_t[:, None] & m_v[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------- backward
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT", "G"], default=_default("dh"))
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT", "G"],
+          default=_default("dlocal"))
 @triton.jit(do_not_specialize=["T"])
-def gla_bwd_kernel_dh(q, gc, do, dh, dht, dh0, T, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr,
-                      PREC: tl.constexpr):
-    """dh[n] = gradient w.r.t. the state at the END of chunk n; dh0 w.r.t. the initial state."""
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_bh = tl.cast(i_bh, tl.int64)
+def gla_bwd_kernel_dlocal(q, gc, do, dl, T, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dL_n = sum_heads (q exp(c))^T do for one chunk: what the chunk's outputs send back to its start state."""
+    i_tb, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.cdiv(T, BT)
+    i_bh, i_t = tl.cast(i_tb // NT, tl.int64), tl.cast(i_tb % NT, tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * V + o_v[None, :]
-    p_gc = gc + i_bh * T * K
-    p_dh = dh + i_bh * NT * K * V
-
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += tl.load(dht + i_bh * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
-    for i_s in range(NT):
-        i_t = tl.cast(NT - 1 - i_s, tl.int64)
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        o_tc = tl.minimum(o_t, T - 1)
-        tl.store(p_dh + i_t * K * V + o_kv, b_dh.to(p_dh.dtype.element_ty), mask=m_kv)
-        b_gc = tl.load(p_gc + o_tc[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.)
-        b_gl = tl.load(p_gc + tl.minimum(i_t * BT + BT - 1, T - 1) * K + o_k, mask=m_k, other=0.)
-        b_dh *= tl.exp(b_gl)[:, None]
-        for i_g in range(G):
-            i_hq = i_bh * G + i_g
-            b_q = tl.load(q + i_hq * T * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                          other=0.)
-            b_do = tl.load(do + i_hq * T * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                           other=0.)
-            b_qg = b_q * tl.exp(b_gc)
-            b_dh += tl.dot(tl.trans(b_qg), b_do.to(tl.float32), input_precision=PREC)
-    tl.store(dh0 + i_bh * K * V + o_kv, b_dh, mask=m_kv)
+    m_t, m_k, m_v = o_t < T, o_k < K, o_v < V
+    b_gc = tl.load(gc + i_bh * T * K + tl.minimum(o_t, T - 1)[:, None] * K + o_k[None, :], mask=m_k[None, :],
+                   other=0.)
+    b_g = tl.exp(b_gc)
+    b_dl = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_g in range(G):
+        i_hq = i_bh * G + i_g
+        b_q = tl.load(q + i_hq * T * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_do = tl.load(do + i_hq * T * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                       other=0.)
+        b_dl += tl.dot(tl.trans(b_q * b_g), b_do.to(tl.float32), input_precision=PREC)
+    tl.store(dl + (i_bh * NT + i_t) * K * V + o_k[:, None] * V + o_v[None, :], b_dl, mask=m_k[:, None] & m_v[None, :])
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G"], default=_default("dqk"))
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G", "STRONG"],
+          default=_default("dqk"))
 @triton.jit(do_not_specialize=["T"])
-def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                       PREC_A: tl.constexpr):
-    """dq (per query head), dk and db = sum_heads q*dq - k*dk (per KV head) for one chunk and one K block."""
-    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, dgl, dbt, T, G: tl.constexpr, K: tl.constexpr,
+                       V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       PREC: tl.constexpr, STRONG: tl.constexpr):
+    """dq (per query head) and dk for one chunk and K block; db = sum_heads q*dq - k*dk as its in-chunk reverse
+    cumsum (``dgl``) and its chunk total (``dbt``)."""
+    i_k, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, i_bh = tl.cast(i_t, tl.int64), tl.cast(i_bh, tl.int64)
+    p_gc = gc + i_bh * T * K
+    if _chunk_is_fast(p_gc, i_t, T, K=K, BT=BT, BK=BK) == STRONG:
+        return
     NT = tl.cdiv(T, BT)
-    NC: tl.constexpr = BT // BC
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
     m_t = o_t < T
@@ -249,7 +315,6 @@ def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K
     m_tk = m_t[:, None] & m_k[None, :]
     p_k = k + i_bh * T * K
     p_v = v + i_bh * T * V
-    p_gc = gc + i_bh * T * K
     p_h = h + (i_bh * NT + i_t) * K * V
     p_dh = dh + (i_bh * NT + i_t) * K * V
 
@@ -257,20 +322,21 @@ def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K
     b_gc = tl.load(p_gc + o_tc[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.)
     b_gl = tl.load(p_gc + tl.minimum(i_t * BT + BT - 1, T - 1) * K + o_k, mask=m_k, other=0.)
     b_causal = o_i[:, None] >= o_i[None, :]
-    # mild gates: one dot per head for the intra-chunk dq and dk (see _gla_intra_A)
-    b_fast = tl.min(b_gc) > -FAST_DECAY
+    # fast path: dk = exp(-c) * (v dh^T exp(c_last) + sum_heads dA^T (q exp(c)))
     b_kg = b_k * tl.exp(tl.minimum(-b_gc, FAST_DECAY))
-    b_dkg = tl.zeros([BT, BK], dtype=tl.float32)
 
-    # inter-chunk dk: v dh^T, decayed to the chunk end
+    # inter-chunk dk: v dh^T (dh = gradient of the chunk's end state)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_v = tl.load(p_v + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        b_dk += tl.dot(b_v.to(tl.float32), tl.trans(b_dh.to(tl.float32)), input_precision=PREC)
-    b_dk *= tl.exp(tl.minimum(b_gl[None, :] - b_gc, 0.))
+        b_dk += tl.dot(b_v.to(tl.float32), tl.trans(b_dh), input_precision=PREC)
+    if STRONG:
+        b_dk *= tl.exp(tl.minimum(b_gl[None, :] - b_gc, 0.))
+    else:
+        b_dk *= tl.exp(b_gl)[None, :]
 
     b_db = tl.zeros([BT, BK], dtype=tl.float32)
     for i_g in range(G):
@@ -287,72 +353,39 @@ def gla_bwd_kernel_dqk(q, k, v, gc, h, do, dh, dq, dk, db, T, G: tl.constexpr, K
             b_v = tl.load(p_v + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
             b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
             b_do = b_do.to(tl.float32)
-            b_dq += tl.dot(b_do, tl.trans(b_h.to(tl.float32)), input_precision=PREC)
+            b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
             b_dA += tl.dot(b_do, tl.trans(b_v.to(tl.float32)), input_precision=PREC)
-        b_dq *= tl.exp(b_gc)
         b_dA = tl.where(b_causal, b_dA, 0.)
-        if b_fast:
-            b_dq += tl.dot(b_dA, b_kg, input_precision=PREC_A) * tl.exp(b_gc)
-            b_dkg += tl.dot(tl.trans(b_dA), b_q * tl.exp(b_gc), input_precision=PREC_A)
-        else:
+        if STRONG:
+            b_dq *= tl.exp(b_gc)
             b_dq, b_dk = _gla_bwd_intra_strong(b_dq, b_dk, b_dA, b_q, b_k, b_gc, p_q, p_k, p_gc, i_t, T, o_k, m_k,
-                                               K=K, BT=BT, BC=BC, NC=NC, PREC=PREC_A)
+                                               K=K, BT=BT, BC=BC, PREC=PREC)
+        else:
+            b_dq = (b_dq + tl.dot(b_dA, b_kg, input_precision=PREC)) * tl.exp(b_gc)
+            b_dk += tl.dot(tl.trans(b_dA), b_q * tl.exp(b_gc), input_precision=PREC)
         tl.store(dq + i_hq * T * K + o_t[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
         b_db += b_q * b_dq
-    b_dk += b_dkg * tl.exp(tl.minimum(-b_gc, FAST_DECAY))
+    if not STRONG:
+        b_dk *= tl.exp(tl.minimum(-b_gc, FAST_DECAY))
     b_db -= b_k * b_dk
     tl.store(dk + i_bh * T * K + o_t[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
-    tl.store(db + i_bh * T * K + o_t[:, None] * K + o_k[None, :], b_db, mask=m_tk)
+    tl.store(dgl + i_bh * T * K + o_t[:, None] * K + o_k[None, :], tl.cumsum(b_db, 0, reverse=True), mask=m_tk)
+    tl.store(dbt + (i_bh * NT + i_t) * K + o_k, tl.sum(b_db, 0), mask=m_k)
 
 
-@triton.jit
-def _gla_bwd_intra_strong(b_dq, b_dk, b_dA, b_q, b_k, b_gc, p_q, p_k, p_gc, i_t, T, o_k, m_k, K: tl.constexpr,
-                          BT: tl.constexpr, BC: tl.constexpr, NC: tl.constexpr, PREC: tl.constexpr):
-    """Gated intra-chunk parts of dq (one query head) and dk for any gate strength (every exponent <= 0)."""
-    o_i = tl.arange(0, BT)
-    # intra-chunk, off-diagonal sub-chunks
-    for i_c in range(1, NC):
-        # dq rows of sub-chunk i_c: reference = its first row
-        t_r = tl.minimum(i_t * BT + i_c * BC, T - 1)
-        b_gr = tl.load(p_gc + t_r * K + o_k, mask=m_k, other=0.)
-        b_kr = b_k * tl.exp(tl.minimum(b_gr[None, :] - b_gc, 0.))
-        b_dAr = tl.where(((o_i // BC) == i_c)[:, None] & (o_i < i_c * BC)[None, :], b_dA, 0.)
-        b_dq += tl.dot(b_dAr, b_kr, input_precision=PREC) * tl.exp(tl.minimum(b_gc - b_gr[None, :], 0.))
-        # dk rows of sub-chunk i_c - 1: reference = its last row
-        t_m = tl.minimum(i_t * BT + i_c * BC - 1, T - 1)
-        b_gm = tl.load(p_gc + t_m * K + o_k, mask=m_k, other=0.)
-        b_qm = b_q * tl.exp(tl.minimum(b_gc - b_gm[None, :], 0.))
-        b_dAm = tl.where((o_i >= i_c * BC)[:, None] & ((o_i // BC) == i_c - 1)[None, :], b_dA, 0.)
-        b_dk += tl.dot(tl.trans(b_dAm), b_qm, input_precision=PREC) * tl.exp(tl.minimum(b_gm[None, :] - b_gc, 0.))
-    # intra-chunk, diagonal sub-chunks, element-wise
-    for i_c in range(BC):
-        o_j = (o_i // BC) * BC + i_c
-        t_j = i_t * BT + o_j
-        m_j = (t_j < T)[:, None] & m_k[None, :]
-        b_gj = tl.load(p_gc + tl.minimum(t_j, T - 1)[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.)
-        # dq_i += dA[i, j] k_j exp(c_i - c_j) with j = block(i) + i_c <= i
-        b_kj = tl.load(p_k + t_j[:, None] * K + o_k[None, :], mask=m_j, other=0.).to(tl.float32)
-        b_dAj = tl.sum(tl.where(o_i[None, :] == o_j[:, None], b_dA, 0.), 1)
-        b_dq += tl.where(((o_i % BC) >= i_c)[:, None],
-                         b_dAj[:, None] * b_kj * tl.exp(tl.minimum(b_gc - b_gj, 0.)), 0.)
-        # dk_j += dA[i, j] q_i exp(c_i - c_j) with i = block(j) + i_c >= j
-        b_qj = tl.load(p_q + t_j[:, None] * K + o_k[None, :], mask=m_j, other=0.).to(tl.float32)
-        b_dAi = tl.sum(tl.where(o_i[:, None] == o_j[None, :], b_dA, 0.), 0)
-        b_dk += tl.where(((o_i % BC) <= i_c)[:, None],
-                         b_dAi[:, None] * b_qj * tl.exp(tl.minimum(b_gj - b_gc, 0.)), 0.)
-    return b_dq, b_dk
-
-
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G"], default=_default("dv"))
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT", "G", "STRONG"],
+          default=_default("dv"))
 @triton.jit(do_not_specialize=["T"])
 def gla_bwd_kernel_dv(q, k, gc, do, dh, dv, T, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                      PREC_A: tl.constexpr):
+                      STRONG: tl.constexpr):
     """dv = sum_heads A^T do (intra-chunk) + (k exp(c_last - c)) dh (inter-chunk), per KV head."""
-    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, i_bh = tl.cast(i_t, tl.int64), tl.cast(i_bh, tl.int64)
+    p_gc = gc + i_bh * T * K
+    if _chunk_is_fast(p_gc, i_t, T, K=K, BT=BT, BK=BK) == STRONG:
+        return
     NT = tl.cdiv(T, BT)
-    NC: tl.constexpr = BT // BC
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     o_tc = tl.minimum(o_t, T - 1)
@@ -360,7 +393,6 @@ def gla_bwd_kernel_dv(q, k, gc, do, dh, dv, T, G: tl.constexpr, K: tl.constexpr,
     m_v = o_v < V
     m_tv = m_t[:, None] & m_v[None, :]
     p_k = k + i_bh * T * K
-    p_gc = gc + i_bh * T * K
     p_dh = dh + (i_bh * NT + i_t) * K * V
 
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
@@ -372,7 +404,7 @@ def gla_bwd_kernel_dv(q, k, gc, do, dh, dv, T, G: tl.constexpr, K: tl.constexpr,
         b_gl = tl.load(p_gc + tl.minimum(i_t * BT + BT - 1, T - 1) * K + o_k, mask=m_k, other=0.)
         b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
         b_kd = b_k * tl.exp(tl.minimum(b_gl[None, :] - b_gc, 0.))
-        b_dv += tl.dot(b_kd, b_dh.to(tl.float32), input_precision=PREC)
+        b_dv += tl.dot(b_kd, b_dh, input_precision=PREC)
     for i_g in range(G):
         i_hq = i_bh * G + i_g
         p_q = q + i_hq * T * K
@@ -384,69 +416,51 @@ def gla_bwd_kernel_dv(q, k, gc, do, dh, dv, T, G: tl.constexpr, K: tl.constexpr,
             b_q = tl.load(p_q + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
             b_k = tl.load(p_k + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
             b_gc = tl.load(p_gc + o_tc[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.)
-            b_A = _gla_intra_A(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k,
-                               K=K, BT=BT, BC=BC, NC=NC, PREC=PREC_A)
+            b_A = _gla_intra_A(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k, K=K, BT=BT, BC=BC, PREC=PREC,
+                               STRONG=STRONG)
         b_do = tl.load(do + i_hq * T * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
         b_dv += tl.dot(tl.trans(b_A), b_do.to(tl.float32), input_precision=PREC)
     tl.store(dv + i_bh * T * V + o_t[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
 
-@autotune(configs=warps_stages(warps=(2, 4), stages=(1, 2)), key=["K", "V", "BK", "BV", "BT"], default=_default("dg"))
+@autotune(configs=warps_stages(warps=(2, 4), stages=(1, 2)), key=["K", "BK", "BT"], default=_default("dg"))
 @triton.jit(do_not_specialize=["T"])
-def gla_bwd_kernel_dg(db, ht, dht, dg, T, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, USE_DHT: tl.constexpr):
-    """dg_t = sum_{s >= t} db_s (+ rowsum(hT * dhT) for every t, the last step's extra term)."""
-    i_k, i_bh = tl.program_id(0), tl.program_id(1)
-    i_bh = tl.cast(i_bh, tl.int64)
+def gla_bwd_kernel_dg(dgl, sfx, dg, T, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """dg = (in-chunk reverse cumsum of db) + (sum of db over all later chunks and the final-state term)."""
+    i_k, i_bh, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_bh = tl.cast(i_t, tl.int64), tl.cast(i_bh, tl.int64)
     NT = tl.cdiv(T, BT)
+    o_t = i_t * BT + tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
-    p_db = db + i_bh * T * K
-    p_dg = dg + i_bh * T * K
-
-    b_c = tl.zeros([BK], dtype=tl.float32)
-    if USE_DHT:
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_kv = m_k[:, None] & (o_v < V)[None, :]
-            o_kv = i_bh * K * V + o_k[:, None] * V + o_v[None, :]
-            b_ht = tl.load(ht + o_kv, mask=m_kv, other=0.)
-            b_dht = tl.load(dht + o_kv, mask=m_kv, other=0.).to(tl.float32)
-            b_c += tl.sum(b_ht * b_dht, 1)
-    for i_s in range(NT):
-        i_t = tl.cast(NT - 1 - i_s, tl.int64)
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_tk = (o_t < T)[:, None] & m_k[None, :]
-        b_db = tl.load(p_db + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
-        b_dg = tl.cumsum(b_db, 0, reverse=True) + b_c[None, :]
-        tl.store(p_dg + o_t[:, None] * K + o_k[None, :], b_dg.to(p_dg.dtype.element_ty), mask=m_tk)
-        b_c += tl.sum(b_db, 0)
+    m_tk = (o_t < T)[:, None] & m_k[None, :]
+    o_tk = i_bh * T * K + o_t[:, None] * K + o_k[None, :]
+    b_s = tl.load(sfx + (i_bh * NT + i_t) * K + o_k, mask=m_k, other=0.)
+    b_dg = tl.load(dgl + o_tk, mask=m_tk, other=0.) + b_s[None, :]
+    tl.store(dg + o_tk, b_dg.to(dg.dtype.element_ty), mask=m_tk)
 
 
 # ------------------------------------------------------------------------------------------------ host wrappers
-def _fwd_h(k, v, g, h0, BT, h_dtype):
+def _states(k, v, g, h0, BT, prec):
+    """Per-chunk start states h [B, HKV, NT, K, V] fp32, in-chunk cumulative gate gc, final state hT."""
     B, HKV, T, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
-    BK, BV = _blocks("h", K, V)
-    h = k.new_empty(B, HKV, NT, K, V, dtype=h_dtype)
     gc = k.new_empty(B, HKV, T, K, dtype=torch.float32)
+    h = k.new_empty(B, HKV, NT, K, V, dtype=torch.float32)
     ht = k.new_empty(B, HKV, K, V, dtype=torch.float32)
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * HKV)
-    gla_fwd_kernel_h[grid](k=k, v=v, g=g, gc=gc, h=h, h0=h0 if h0 is not None else ht, ht=ht, T=T, K=K, V=V,
-                           BT=BT, BK=BK, BV=BV, USE_H0=h0 is not None, PREC=dot_precision(k.dtype))
+    BK, BV = _blocks("local", K, V)
+    grid = (NT * B * HKV, triton.cdiv(K, BK), triton.cdiv(V, BV))
+    gla_fwd_kernel_local[grid](k=k, v=v, g=g, gc=gc, hl=h, T=T, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec)
+    _scan(h, gc, h0, ht, T, BT, reverse=False)
     return h, gc, ht
 
 
-def _fwd_o(q, k, v, gc, h, BT):
-    B, HQ, T, K = q.shape
-    HKV, V = k.shape[1], v.shape[-1]
-    BK, BV = _blocks("o", K, V)
-    o = q.new_empty(B, HQ, T, V, dtype=torch.float32)
-    grid = (triton.cdiv(V, BV), triton.cdiv(T, BT), B * HQ)
-    gla_fwd_kernel_o[grid](q=q, k=k, v=v, gc=gc, h=h, o=o, T=T, G=HQ // HKV, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV,
-                           PREC=dot_precision(q.dtype), PREC_A=dot_precision(q.dtype))
-    return o
+def _scan(hl, gc, s0, st, T, BT, reverse):
+    B, HKV, _, K, V = hl.shape
+    grid = (triton.cdiv(K * V, SCAN_BLOCK), B * HKV)
+    gla_kernel_scan[grid](hl=hl, gc=gc, s0=s0 if s0 is not None else st, h=hl, st=st, T=T, K=K, V=V, BT=BT,
+                          BS=SCAN_BLOCK, USE_S0=s0 is not None, REVERSE=reverse)
 
 
 def _prep(q, k, v, g):
@@ -461,9 +475,18 @@ def _prep(q, k, v, g):
 def chunk_gla_fwd(q, k, v, g, h0: Optional[torch.Tensor] = None):
     """Forward: ``(o [B,HQ,T,V] fp32, hT [B,HKV,K,V] fp32)``; see the module docstring."""
     q, k, v, g = _prep(q, k, v, g)
-    BT = chunk_size(q.shape[2])
-    h, gc, ht = _fwd_h(k, v, g, None if h0 is None else h0.contiguous(), BT, k.dtype)
-    return _fwd_o(q, k, v, gc, h, BT), ht
+    B, HQ, T, K = q.shape
+    HKV, V = k.shape[1], v.shape[-1]
+    BT = chunk_size(T)
+    prec = dot_precision(q.dtype)
+    h, gc, ht = _states(k, v, g, None if h0 is None else h0.contiguous(), BT, prec)
+    o = q.new_empty(B, HQ, T, V, dtype=torch.float32)
+    for strong in (False, True):
+        BK, BV = _blocks("o_strong" if strong else "o", K, V)
+        grid = (triton.cdiv(V, BV), B * HQ, triton.cdiv(T, BT))
+        gla_fwd_kernel_o[grid](q=q, k=k, v=v, gc=gc, h=h, o=o, T=T, G=HQ // HKV, K=K, V=V, BT=BT, BC=BC, BK=BK,
+                               BV=BV, PREC=prec, STRONG=strong)
+    return o, ht
 
 
 def chunk_gla_bwd(q, k, v, g, h0, do, dhT):
@@ -475,37 +498,42 @@ def chunk_gla_bwd(q, k, v, g, h0, do, dhT):
     G = HQ // HKV
     BT = chunk_size(T)
     NT = triton.cdiv(T, BT)
-    # fp32 states and fp32 dot operands (tf32 for 16-bit inputs): the gate gradient comes from the difference
-    # q.dq - k.dk, which amplifies the relative error of dq and dk about tenfold
-    prec = os.environ.get("LIGERFX_GLA_BWD_PREC", dot_precision(q.dtype)) if q.dtype != torch.float32 else "ieee"
+    prec = os.environ.get("LIGERFX_GLA_BWD_PREC", "tf32") if q.dtype != torch.float32 else "ieee"
     do = q.new_zeros(B, HQ, T, V, dtype=torch.float32) if do is None else do.contiguous()
     dhT = None if dhT is None else dhT.contiguous()
 
-    h, gc, ht = _fwd_h(k, v, g, None if h0 is None else h0.contiguous(), BT, torch.float32)
+    h, gc, ht = _states(k, v, g, None if h0 is None else h0.contiguous(), BT, prec)
+    # dh[n]: gradient of chunk n's end state
     dh = torch.empty_like(h)
     dh0 = k.new_empty(B, HKV, K, V, dtype=torch.float32)
-    BK, BV = _blocks("dh", K, V)
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * HKV)
-    gla_bwd_kernel_dh[grid](q=q, gc=gc, do=do, dh=dh, dht=dhT if dhT is not None else dh0, dh0=dh0, T=T, G=G, K=K,
-                            V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dhT is not None, PREC=prec)
+    BK, BV = _blocks("dlocal", K, V)
+    grid = (NT * B * HKV, triton.cdiv(K, BK), triton.cdiv(V, BV))
+    gla_bwd_kernel_dlocal[grid](q=q, gc=gc, do=do, dl=dh, T=T, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec)
+    # grad(end of n - 1) = grad(start of n) = exp(c_last,n) grad(end of n) + dL_n: the forward scan, reversed
+    _scan(dh, gc, dhT, dh0, T, BT, reverse=True)
 
     dq = torch.empty(B, HQ, T, K, dtype=dtypes[0], device=q.device)
     dk = torch.empty(B, HKV, T, K, dtype=dtypes[1], device=q.device)
-    db = k.new_empty(B, HKV, T, K, dtype=torch.float32)
-    BK, BV = _blocks("dqk", K, V)
-    grid = (triton.cdiv(K, BK), NT, B * HKV)
-    gla_bwd_kernel_dqk[grid](q=q, k=k, v=v, gc=gc, h=h, do=do, dh=dh, dq=dq, dk=dk, db=db, T=T, G=G, K=K, V=V,
-                             BT=BT, BC=BC, BK=BK, BV=BV, PREC=prec, PREC_A=prec)
-
+    dgl = k.new_empty(B, HKV, T, K, dtype=torch.float32)
+    dbt = k.new_empty(B, HKV, NT, K, dtype=torch.float32)
+    for strong in (False, True):
+        BK, BV = _blocks("dqk_strong" if strong else "dqk", K, V)
+        grid = (triton.cdiv(K, BK), B * HKV, NT)
+        gla_bwd_kernel_dqk[grid](q=q, k=k, v=v, gc=gc, h=h, do=do, dh=dh, dq=dq, dk=dk, dgl=dgl, dbt=dbt, T=T, G=G,
+                                 K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV, PREC=prec, STRONG=strong)
     dv = torch.empty(B, HKV, T, V, dtype=dtypes[2], device=q.device)
-    BK, BV = _blocks("dv", K, V)
-    grid = (triton.cdiv(V, BV), NT, B * HKV)
-    gla_bwd_kernel_dv[grid](q=q, k=k, gc=gc, do=do, dh=dh, dv=dv, T=T, G=G, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV,
-                            PREC=prec, PREC_A=prec)
+    for strong in (False, True):
+        BK, BV = _blocks("dv_strong" if strong else "dv", K, V)
+        grid = (triton.cdiv(V, BV), B * HKV, NT)
+        gla_bwd_kernel_dv[grid](q=q, k=k, gc=gc, do=do, dh=dh, dv=dv, T=T, G=G, K=K, V=V, BT=BT, BC=BC, BK=BK,
+                                BV=BV, PREC=prec, STRONG=strong)
 
+    # db summed over every later chunk (exclusive suffix sum of the chunk totals), plus rowsum(hT * dhT) everywhere
+    sfx = dbt.flip(2).cumsum(2).flip(2) - dbt
+    if dhT is not None:
+        sfx += (ht * dhT.float()).sum(-1)[:, :, None, :]
     dg = torch.empty(B, HKV, T, K, dtype=dtypes[3], device=q.device)
-    BK, BV = _blocks("dg", K, V)
-    grid = (triton.cdiv(K, BK), B * HKV)
-    gla_bwd_kernel_dg[grid](db=db, ht=ht, dht=dhT if dhT is not None else ht, dg=dg, T=T, K=K, V=V, BT=BT, BK=BK,
-                            BV=BV, USE_DHT=dhT is not None)
+    BK, _ = _blocks("dg", K, V)
+    gla_bwd_kernel_dg[(triton.cdiv(K, BK), B * HKV, NT)](dgl=dgl, sfx=sfx.contiguous(), dg=dg, T=T, K=K, BT=BT,
+                                                          BK=BK)
     return dq, dk, dv, dg, dh0
