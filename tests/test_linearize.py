@@ -291,3 +291,27 @@ def test_fused_qkv_and_partial_rotary():
     # the gate is the full key head (both the rotated and the pass-through half), pre-RoPE
     info = model.model.layers[0].self_attn._ligerfx.info
     assert info.head_dim == 16 and info.n_heads == 4 and info.n_kv_heads == 2
+
+
+@pytest.mark.parametrize("cfg", [ligerfx.LigerConfig(variant="swa_sinks", window=8),
+                                 ligerfx.LigerConfig(mix=1.0), ligerfx.LigerConfig(window=8, sinks=2)],
+                         ids=["swa_sinks", "pure_gla", "gla_sinks"])
+def test_variants_decode_equals_full_forward(cfg):
+    """Window + sinks baseline, pure GLA and GLA with sinks keep prefill + decode == full forward."""
+    model = ligerfx.transform(tiny("llama"), config=cfg)
+    ids, mask, pos = left_padded(T=50, pad=(0, 6))
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos).logits
+        cache = DynamicCache(config=model.config)
+        outs = [model(ids[:, :10], attention_mask=mask[:, :10], position_ids=pos[:, :10], cache=cache,
+                      use_cache=True).logits]
+        for t in range(10, 50):
+            outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                              cache=cache, use_cache=True).logits)
+    v = mask.bool()[..., None].expand_as(full)
+    assert (torch.cat(outs, 1) - full)[v].abs().max().item() <= 1e-5
+    layer = cache.layers[0]
+    if cfg.recurrent_weight == 0:
+        assert layer.state is None and layer.sink_k is not None
+    if cfg.mix == 1.0:
+        assert layer.win_k is None  # pure GLA keeps no window
