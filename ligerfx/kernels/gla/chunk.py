@@ -48,19 +48,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import autotune, common_dtype, dot_precision, warps_stages
+from ..utils import autotune, common_dtype, dot_precision, interpreting, warps_stages
 
 BC = 16  # sub-chunk size of the strong-gate path
 # a chunk whose total log decay (every key dim) stays above -FAST_DECAY takes the one-dot intra-chunk path
 FAST_DECAY = tl.constexpr(30.0)
-SCAN_BLOCK = 512  # state elements per program of the scan
+SCAN_BLOCK, SCAN_CHUNKS = 256, 16  # state elements per program of the scans, chunks per step
 
 # name -> (BK cap, BV cap, num_warps, num_stages): the largest tiles that compile without register spills on sm_90 in
 # bf16 (cuobjdump --dump-resource-usage, triton 3.9 offline); the launch config unless LIGERFX_AUTOTUNE=1.
 BLOCKS = {
-    "local": (64, 64, 4, 2), "dlocal": (64, 64, 8, 2), "scan": (0, 0, 4, 3), "dg": (64, 0, 4, 2),
+    "local": (64, 64, 4, 2), "dlocal": (128, 64, 8, 2), "scan": (0, 0, 4, 1), "dg": (64, 0, 4, 2),
     "o": (32, 128, 8, 2), "o_strong": (32, 128, 8, 1),
-    "dqk": (32, 32, 8, 1), "dqk_strong": (16, 32, 8, 1),
+    "dqk": (32, 32, 8, 2), "dqk_strong": (16, 32, 8, 1),
     "dv": (32, 128, 8, 1), "dv_strong": (32, 64, 8, 1),
 }
 
@@ -194,13 +194,22 @@ def gla_fwd_kernel_local(k, v, g, gc, hl, T, K: tl.constexpr, V: tl.constexpr, B
     tl.store(hl + (i_bh * NT + i_t) * K * V + o_k[:, None] * V + o_v[None, :], b_l, mask=m_k[:, None] & m_v[None, :])
 
 
-@autotune(configs=warps_stages(warps=(2, 4, 8), stages=(2, 3, 4)), key=["K", "V", "BT", "BS", "REVERSE"],
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    # s -> s * a1 + b1, then s -> s * a2 + b2
+    return a1 * a2, b1 * a2 + b2
+
+
+@autotune(configs=warps_stages(warps=(2, 4, 8), stages=(1, 2, 3)), key=["K", "V", "BT", "BS", "BU", "REVERSE"],
           default=_default("scan"))
 @triton.jit(do_not_specialize=["T"])
 def gla_kernel_scan(hl, gc, s0, h, st, T, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-                    USE_S0: tl.constexpr, REVERSE: tl.constexpr):
+                    BU: tl.constexpr, USE_S0: tl.constexpr, REVERSE: tl.constexpr):
     """s <- diag(exp(c_last,n)) s + hl[n] over the chunks n (backwards if REVERSE), storing each chunk's incoming s
-    in h[n] (``h`` may alias ``hl``: every element is read before it is overwritten). Final s goes to ``st``."""
+    in h[n] (``h`` may alias ``hl``: every element is read before it is overwritten). Final s goes to ``st``.
+
+    BU chunks per step: their affine maps are composed by an associative scan, so each step loads [BU, BS] at once
+    (a one-chunk-per-step loop waits on memory latency at every chunk)."""
     i_s, i_bh = tl.program_id(0), tl.program_id(1)
     i_bh = tl.cast(i_bh, tl.int64)
     NT = tl.cdiv(T, BT)
@@ -208,21 +217,39 @@ def gla_kernel_scan(hl, gc, s0, h, st, T, K: tl.constexpr, V: tl.constexpr, BT: 
     m_s = o_s < K * V
     # key dim of every state element: its decay
     o_sk = o_s // V
+    o_u = tl.arange(0, BU)
     p_gc = gc + i_bh * T * K
 
     b_s = tl.zeros([BS], dtype=tl.float32)
     if USE_S0:
         b_s += tl.load(s0 + i_bh * K * V + o_s, mask=m_s, other=0.).to(tl.float32)
-    for i_n in range(NT):
+    for i_n in range(tl.cdiv(NT, BU)):
+        # chunk of row u: the u-th one processed in this step
         if REVERSE:
-            i_t = tl.cast(NT - 1 - i_n, tl.int64)
+            o_n = NT - 1 - (i_n * BU + o_u)
         else:
-            i_t = tl.cast(i_n, tl.int64)
-        p_n = (i_bh * NT + i_t) * K * V + o_s
-        b_l = tl.load(hl + p_n, mask=m_s, other=0.)
-        b_gl = tl.load(p_gc + tl.minimum(i_t * BT + BT - 1, T - 1) * K + o_sk, mask=m_s, other=0.)
-        tl.store(h + p_n, b_s, mask=m_s)
-        b_s = b_s * tl.exp(b_gl) + b_l
+            o_n = i_n * BU + o_u
+        m_n = (o_n >= 0) & (o_n < NT)
+        o_n = tl.cast(tl.where(m_n, o_n, 0), tl.int64)
+        m_ns = m_n[:, None] & m_s[None, :]
+        p_n = (i_bh * NT + o_n)[:, None] * K * V + o_s[None, :]
+        # [BU, BS]; rows past the last chunk are the identity map (decay 1, no input)
+        b_l = tl.load(hl + p_n, mask=m_ns, other=0.)
+        t_l = tl.minimum(o_n * BT + BT - 1, T - 1)
+        b_d = tl.exp(tl.load(p_gc + t_l[:, None] * K + o_sk[None, :], mask=m_ns, other=0.))
+        b_a, b_b = tl.associative_scan((b_d, b_l), 0, _affine_combine)
+        # state after each row's chunk = incoming state of the next chunk processed; the last row's is carried
+        b_r = b_s[None, :] * b_a + b_b
+        if REVERSE:
+            o_m = o_n - 1
+        else:
+            o_m = o_n + 1
+        m_ms = (m_n & (o_u < BU - 1) & (o_m >= 0) & (o_m < NT))[:, None] & m_s[None, :]
+        p_m = (i_bh * NT + o_m)[:, None] * K * V + o_s[None, :]
+        tl.store(h + p_m, b_r.to(h.dtype.element_ty), mask=m_ms)
+        tl.store(h + p_n, tl.broadcast_to(b_s[None, :], [BU, BS]).to(h.dtype.element_ty),
+                 mask=(o_u == 0)[:, None] & m_ns)
+        b_s = tl.sum(tl.where(o_u[:, None] == BU - 1, b_r, 0.), 0)
     tl.store(st + i_bh * K * V + o_s, b_s, mask=m_s)
 
 
@@ -257,11 +284,12 @@ def gla_fwd_kernel_o(q, k, v, gc, h, o, T, G: tl.constexpr, K: tl.constexpr, V: 
         b_k = tl.load(p_k + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
         b_gc = tl.load(p_gc + o_tc[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        b_o += tl.dot(b_q * tl.exp(b_gc), b_h, input_precision=PREC)
+        # in the dtype of the stored states (the input dtype: bf16 tensor cores for 16-bit inputs)
+        b_o += tl.dot((b_q * tl.exp(b_gc)).to(b_h.dtype), b_h, input_precision=PREC)
         b_A = _gla_intra_A(b_A, b_q, b_k, b_gc, p_k, p_gc, i_t, T, o_k, m_k, K=K, BT=BT, BC=BC, PREC=PREC,
                            STRONG=STRONG)
     b_v = tl.load(v + i_bhk * T * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-    b_o += tl.dot(b_A, b_v.to(tl.float32), input_precision=PREC)
+    b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
     tl.store(o + i_bh * T * V + o_t[:, None] * V + o_v[None, :], b_o, mask=m_t[:, None] & m_v[None, :])
 
 
@@ -441,8 +469,8 @@ def gla_bwd_kernel_dg(dgl, sfx, dg, T, K: tl.constexpr, BT: tl.constexpr, BK: tl
 
 
 # ------------------------------------------------------------------------------------------------ host wrappers
-def _states(k, v, g, h0, BT, prec):
-    """Per-chunk start states h [B, HKV, NT, K, V] fp32, in-chunk cumulative gate gc, final state hT."""
+def _states(k, v, g, h0, BT, prec, h_dtype):
+    """Per-chunk start states h [B, HKV, NT, K, V] (``h_dtype``), in-chunk cumulative gate gc, final state hT."""
     B, HKV, T, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
@@ -452,15 +480,18 @@ def _states(k, v, g, h0, BT, prec):
     BK, BV = _blocks("local", K, V)
     grid = (NT * B * HKV, triton.cdiv(K, BK), triton.cdiv(V, BV))
     gla_fwd_kernel_local[grid](k=k, v=v, g=g, gc=gc, hl=h, T=T, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec)
-    _scan(h, gc, h0, ht, T, BT, reverse=False)
-    return h, gc, ht
+    # in place for fp32 states; the forward pass of 16-bit inputs reads them in the input dtype
+    hs = h if h_dtype == torch.float32 else torch.empty_like(h, dtype=h_dtype)
+    _scan(h, gc, h0, hs, ht, T, BT, reverse=False)
+    return hs, gc, ht
 
 
-def _scan(hl, gc, s0, st, T, BT, reverse):
+def _scan(hl, gc, s0, h, st, T, BT, reverse):
     B, HKV, _, K, V = hl.shape
     grid = (triton.cdiv(K * V, SCAN_BLOCK), B * HKV)
-    gla_kernel_scan[grid](hl=hl, gc=gc, s0=s0 if s0 is not None else st, h=hl, st=st, T=T, K=K, V=V, BT=BT,
-                          BS=SCAN_BLOCK, USE_S0=s0 is not None, REVERSE=reverse)
+    gla_kernel_scan[grid](hl=hl, gc=gc, s0=s0 if s0 is not None else st, h=h, st=st, T=T, K=K, V=V, BT=BT,
+                          BS=SCAN_BLOCK, BU=4 if interpreting() else SCAN_CHUNKS, USE_S0=s0 is not None,
+                          REVERSE=reverse)
 
 
 def _prep(q, k, v, g):
@@ -479,7 +510,7 @@ def chunk_gla_fwd(q, k, v, g, h0: Optional[torch.Tensor] = None):
     HKV, V = k.shape[1], v.shape[-1]
     BT = chunk_size(T)
     prec = dot_precision(q.dtype)
-    h, gc, ht = _states(k, v, g, None if h0 is None else h0.contiguous(), BT, prec)
+    h, gc, ht = _states(k, v, g, None if h0 is None else h0.contiguous(), BT, prec, k.dtype)
     o = q.new_empty(B, HQ, T, V, dtype=torch.float32)
     for strong in (False, True):
         BK, BV = _blocks("o_strong" if strong else "o", K, V)
@@ -502,7 +533,7 @@ def chunk_gla_bwd(q, k, v, g, h0, do, dhT):
     do = q.new_zeros(B, HQ, T, V, dtype=torch.float32) if do is None else do.contiguous()
     dhT = None if dhT is None else dhT.contiguous()
 
-    h, gc, ht = _states(k, v, g, None if h0 is None else h0.contiguous(), BT, prec)
+    h, gc, ht = _states(k, v, g, None if h0 is None else h0.contiguous(), BT, prec, torch.float32)
     # dh[n]: gradient of chunk n's end state
     dh = torch.empty_like(h)
     dh0 = k.new_empty(B, HKV, K, V, dtype=torch.float32)
@@ -510,7 +541,7 @@ def chunk_gla_bwd(q, k, v, g, h0, do, dhT):
     grid = (NT * B * HKV, triton.cdiv(K, BK), triton.cdiv(V, BV))
     gla_bwd_kernel_dlocal[grid](q=q, gc=gc, do=do, dl=dh, T=T, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec)
     # grad(end of n - 1) = grad(start of n) = exp(c_last,n) grad(end of n) + dL_n: the forward scan, reversed
-    _scan(dh, gc, dhT, dh0, T, BT, reverse=True)
+    _scan(dh, gc, dhT, dh, dh0, T, BT, reverse=True)
 
     dq = torch.empty(B, HQ, T, K, dtype=dtypes[0], device=q.device)
     dk = torch.empty(B, HKV, T, K, dtype=dtypes[1], device=q.device)
