@@ -57,12 +57,17 @@ SCAN_BLOCK, SCAN_CHUNKS = 256, 16  # state elements per program of the scans, ch
 
 # name -> (BK cap, BV cap, num_warps, num_stages): the largest tiles that compile without register spills on sm_90 in
 # bf16 (cuobjdump --dump-resource-usage, triton 3.9 offline); the launch config unless LIGERFX_AUTOTUNE=1.
+# dqk stays at num_stages=1: with 2 stages, triton 3.6 on an H200 gave wrong dq for G = 4 (bf16, tf32 dots).
 BLOCKS = {
-    "local": (64, 64, 4, 2), "dlocal": (128, 64, 8, 2), "scan": (0, 0, 4, 1), "dg": (64, 0, 4, 2),
+    "local": (64, 64, 4, 2), "dlocal": (64, 64, 8, 2), "scan": (0, 0, 4, 1), "dg": (64, 0, 4, 2),
     "o": (32, 128, 8, 2), "o_strong": (32, 128, 8, 1),
-    "dqk": (32, 32, 8, 2), "dqk_strong": (16, 32, 8, 1),
+    "dqk": (32, 32, 8, 1), "dqk_strong": (16, 32, 8, 1),
     "dv": (32, 128, 8, 1), "dv_strong": (32, 64, 8, 1),
 }
+# debugging / tuning override, e.g. LIGERFX_GLA_BLOCKS="dqk=32,32,8,2;o=32,128,8,1"
+for _item in filter(None, os.environ.get("LIGERFX_GLA_BLOCKS", "").split(";")):
+    _name, _vals = _item.split("=")
+    BLOCKS[_name.strip()] = tuple(int(x) for x in _vals.split(","))
 
 
 def chunk_size(T: int) -> int:
