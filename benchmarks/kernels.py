@@ -148,7 +148,7 @@ def main():
     card = next((c for c in ("h100", "h200", "a100", "b200", "gb200") if c in card_name.lower()), "gpu")
     bw = copy_bandwidth()
     print(f"card: {card_name}; copy bandwidth {bw / 1e12:.2f} TB/s; triton {triton.__version__}; torch "
-          f"{torch.__version__}; LIGERFX_AUTOTUNE={os.environ.get('LIGERFX_AUTOTUNE', '1')}", flush=True)
+          f"{torch.__version__}; LIGERFX_AUTOTUNE={os.environ.get('LIGERFX_AUTOTUNE', '0')}", flush=True)
     rows = []
     for D in args.D:
         HQ, HKV = HEADS[D]
