@@ -183,7 +183,8 @@ def main():
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"\n{'op':6} {'mode':8} {'D':>4} {'T':>6} {'B':>2} {'ms':>9} {'sdpa':>9} {'x sdpa':>7} {'floor':>8} {'%floor':>6}")
+    print(f"\n{'op':6} {'mode':8} {'D':>4} {'T':>6} {'B':>2} {'ms':>9} {'sdpa':>9} {'x sdpa':>7} {'floor':>8} "
+          f"{'%floor':>6}")
     for r in rows:
         print(f"{r['op']:6} {r['mode']:8} {r['D']:>4} {r['T']:>6} {r['B']:>2} {r['ms']:>9.3f} {r['sdpa_ms']:>9.3f} "
               f"{r['ratio_to_sdpa']:>7.2f} {r['hbm_floor_ms']:>8.3f} {r['pct_of_floor']:>6.1f}")

@@ -173,7 +173,8 @@ def _gla_bwd_intra_strong(b_dq, b_dk, b_dA, b_q, b_k, b_gc, p_q, p_k, p_gc, i_t,
 
 
 # ------------------------------------------------------------------------------------------------------ forward
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT"], default=_default("local"))
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT"],
+          default=_default("local"))
 @triton.jit(do_not_specialize=["T"])
 def gla_fwd_kernel_local(k, v, g, gc, hl, T, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):

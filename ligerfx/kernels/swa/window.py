@@ -90,7 +90,8 @@ def _swa_fwd_inner(b_acc, b_l, b_m, b_q, b_qp, p_k, p_v, p_kpos, i_n0, i_n1, TK,
     return b_acc, b_l, b_m
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"], default=_default("fwd"))
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"],
+          default=_default("fwd"))
 @triton.jit(do_not_specialize=["TQ", "TK", "window", "sinks"])
 def swa_fwd_kernel(q, k, v, q_pos, k_pos, rng, o, lse, qk_scale, window, sinks, TQ, TK, HQ, G: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -163,7 +164,8 @@ def _swa_dq_inner(b_dq, b_q, b_do, b_qp, b_lse, b_delta, p_k, p_v, p_kpos, i_n0,
     return b_dq
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"], default=_default("dq"))
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"],
+          default=_default("dq"))
 @triton.jit(do_not_specialize=["TQ", "TK", "window", "sinks"])
 def swa_bwd_kernel_dq(q, k, v, q_pos, k_pos, rng, lse, delta, do, dq, scale, qk_scale, window, sinks, TQ, TK, HQ,
                       G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -200,7 +202,8 @@ def swa_bwd_kernel_dq(q, k, v, q_pos, k_pos, rng, lse, delta, do, dq, scale, qk_
              mask=m_mk)
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"], default=_default("dkdv"))
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"],
+          default=_default("dkdv"))
 @triton.jit(do_not_specialize=["TQ", "TK", "window", "sinks"])
 def swa_bwd_kernel_dkdv(q, k, v, q_pos, k_pos, rng, lse, delta, do, dk, dv, scale, qk_scale, window, sinks, TQ, TK,
                         HKV, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -251,7 +254,8 @@ def swa_bwd_kernel_dkdv(q, k, v, q_pos, k_pos, rng, lse, delta, do, dk, dv, scal
 # ------------------------------------------------------------------------------------------------ host wrappers
 def _monotone(pos):
     """Two non-decreasing envelopes of positions whose valid entries are non-decreasing: ``cummax`` (-1 before the
-    first valid entry) for lower bounds, reverse ``cummin`` with invalid = +inf (after the last one) for upper bounds."""
+    first valid entry) for lower bounds, reverse ``cummin`` with invalid = +inf (after the last one) for upper
+    bounds."""
     m_lo = pos.cummax(-1).values.contiguous()
     m_hi = torch.where(pos >= 0, pos, INT64_MAX).flip(-1).cummin(-1).values.flip(-1).contiguous()
     return m_lo, m_hi
@@ -315,7 +319,8 @@ def swa_fwd(q, k, v, q_pos, k_pos, scale: float, window: int, sinks: int = 0):
     grid = (triton.cdiv(TQ, BM), B * HQ)
     swa_fwd_kernel[grid](q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, rng=rng, o=o, lse=lse, qk_scale=scale * LOG2E,
                          window=window, sinks=sinks, TQ=TQ, TK=TK, HQ=HQ, G=HQ // HKV, K=K, V=V, BM=BM, BN=BN,
-                         BK=max(16, triton.next_power_of_2(K)), BV=max(16, triton.next_power_of_2(V)), PREC=dot_precision(q.dtype))
+                         BK=max(16, triton.next_power_of_2(K)), BV=max(16, triton.next_power_of_2(V)),
+                         PREC=dot_precision(q.dtype))
     return o, lse
 
 
