@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean gpu-test bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,13 @@ test: install
 
 demo: install
 	$(BIN)/python examples/demo.py
+
+# GPU only (not CI): Triton kernels vs float64 references in bf16/fp32, and the kernel benchmark.
+gpu-test:
+	TRITON_INTERPRET=0 $(BIN)/python -m pytest -q tests/gpu
+
+bench:
+	TRITON_INTERPRET=0 $(BIN)/python benchmarks/kernels.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -150,3 +150,16 @@ def _swa_backward(ctx, do, dlse):
 
 
 swa_fwd.register_autograd(_swa_backward, setup_context=_swa_setup)
+
+
+def _register_triton_kernels() -> None:
+    """Triton kernels behind the ops on CUDA (the CPU keeps the reference; tests run the kernels on CPU through
+    ``ligerfx.kernels.triton_impls.on_cpu()`` under ``TRITON_INTERPRET=1``)."""
+    try:
+        from .kernels import triton_impls
+    except ImportError:  # no triton on this platform
+        return
+    triton_impls.register("cuda")
+
+
+_register_triton_kernels()
