@@ -50,12 +50,13 @@ def run_lm_eval(
     lm=None,
     subsample: Optional[int] = None,
     seed: int = 1234,
+    samples: Optional[Dict[str, List[int]]] = None,
 ) -> Dict[str, Any]:
     """Run ``lm_eval.simple_evaluate`` on the local tasks; return lm-eval's result dict (``results``, ``samples``...).
 
     ``limit``: lm-eval's first-N (or fraction) per task. ``subsample``: instead, N documents per task drawn at random
     (seeded, without replacement, kept in file order) and passed to lm-eval as ``samples=``: a representative
-    subset for quick runs on slow machines.
+    subset for quick runs on slow machines. ``samples``: explicit ``{task: [doc indices]}`` (lm-eval's ``samples=``).
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -64,9 +65,8 @@ def run_lm_eval(
     tm = TaskManager(include_path=str(include), include_defaults=False)
     if lm is None:
         lm = make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    samples = None
     if subsample is not None:
-        if limit is not None:
+        if limit is not None or samples is not None:
             raise ValueError("give either limit or subsample, not both")
         samples = subsample_indices(tasks, include, subsample, seed)
     out = lm_eval.simple_evaluate(
