@@ -10,7 +10,7 @@ import torch
 
 from .config import LigerConfig
 from .passes.capture import find_attention
-from .passes.linearize import LinearizedAttention, counters, linearize_module
+from .passes.linearize import LinearizedAttention, linearize_module
 from .passes.patterns import UnsupportedAttentionError
 
 log = logging.getLogger("ligerfx")

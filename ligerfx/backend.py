@@ -21,8 +21,7 @@ from torch._dynamo import register_backend
 
 from .config import LigerConfig
 from .passes.linearize import _impure, counters, token_validity
-from .passes.patterns import (UnsupportedAttentionError, find_cores, gate_source, opname,
-                              perm_to, projection_of, rope_input, shape, strip_repeat_kv)
+from .passes.patterns import UnsupportedAttentionError, find_cores, match_site, opname, strip_repeat_kv
 
 log = logging.getLogger("ligerfx")
 
@@ -113,28 +112,15 @@ def linearize_fx(gm: fx.GraphModule, config: LigerConfig) -> int:
         v_inputs = _local_inputs(v, local)
         sources = [a for a in external if a not in v_inputs and not a.meta.get("ligerfx_param")]
         positional = _local_descendants(sources, local)
-        try:
-            roots = frozenset(sources)
-            q_pre, k_pre = rope_input(q_rope, positional, roots), rope_input(k_rope, positional, roots)
-        except LookupError as e:
-            raise UnsupportedAttentionError(f"{where}: could not find the pre-RoPE query/key: {e}") from None
-        k_proj = projection_of(k_pre)
-        if k_proj is None:
-            raise UnsupportedAttentionError(f"{where}: no key projection found upstream of the key")
-        gate = gate_source(k_proj, k_pre)
-        perms = [perm_to(shape(a), shape(b)) for a, b in ((q_pre, q_rope), (k_pre, k_rope), (gate, k_rope))]
-        log.debug("%s q_pre=%s k_pre=%s gate=%s shapes %s %s %s", where, q_pre, k_pre, gate, shape(q_pre), shape(k_pre), shape(gate))
-        if None in perms:
-            raise UnsupportedAttentionError(f"{where}: pre-RoPE q/k or the gate is not a permutation of the "
-                                            "attention inputs")
+        site = match_site(core, q_rope, k_rope, positional, where, roots=frozenset(sources))
         mask = core.node.kwargs.get("attn_mask", core.node.args[3] if len(core.node.args) > 3 else None) \
             if core.kind == "sdpa" else None
-        scale = core.scale if core.scale is not None else float(shape(q_rope)[-1]) ** -0.5
-        kwargs = dict(scale=float(scale), window=config.window, mix=config.mix,
+        kwargs = dict(scale=site.scale, window=config.window, mix=config.mix,
                       gate_normalizer=config.gate_normalizer, sinks=config.sinks, variant=config.variant,
-                      q_perm=perms[0], k_perm=perms[1], g_perm=perms[2])
+                      q_perm=site.q_perm, k_perm=site.k_perm, g_perm=site.g_perm)
         with graph.inserting_before(core.node):
-            new = graph.call_function(backend_site, (q_pre, k_pre, v, gate, q_rope, k_rope, mask), kwargs)
+            new = graph.call_function(backend_site, (site.q_pre, site.k_pre, v, site.gate, q_rope, k_rope, mask),
+                                      kwargs)
         new.meta = dict(core.node.meta)
         core.node.replace_all_uses_with(new)
         count += 1

@@ -40,8 +40,8 @@ from torch.utils import _pytree as pytree
 
 from ..config import LigerConfig
 from .capture import PROBE_B, PROBE_T, RecordedCall, export_attention
-from .patterns import (ASSERTS, UnsupportedAttentionError, ancestors, descendants, find_cores, gate_source, opname, perm_to,
-                       projection_of, rope_input, shape, strip_repeat_kv)
+from .patterns import (ASSERTS, UnsupportedAttentionError, ancestors, descendants, find_cores, match_site, opname,
+                       projection_of, shape, strip_repeat_kv)
 
 log = logging.getLogger("ligerfx")
 counters: Counter = Counter()
@@ -144,22 +144,8 @@ def linearize_graph(ep: torch.export.ExportedProgram, module: torch.nn.Module, w
     sources = [n for n in user_inputs if n not in v_anc] + [n for n in graph.nodes
                                                            if n.op == "placeholder" and n.name in buffers]
     positional = descendants(sources)
-    try:
-        q_pre, k_pre = rope_input(q_rope, positional), rope_input(k_rope, positional)
-    except LookupError as e:
-        raise UnsupportedAttentionError(f"{where}: could not find the pre-RoPE query/key: {e}") from None
-    k_proj = projection_of(k_pre)
-    if k_proj is None:
-        raise UnsupportedAttentionError(f"{where}: no key projection (linear layer) found upstream of the key")
-    gate = gate_source(k_proj, k_pre)
-    perms = {}
-    for name, node, ref in (("q", q_pre, q_rope), ("k", k_pre, k_rope), ("gate", gate, k_rope)):
-        p = perm_to(shape(node), shape(ref))
-        if p is None:
-            raise UnsupportedAttentionError(f"{where}: the {name} tensor before RoPE/norm has shape {shape(node)}, "
-                                            f"which is not a permutation of the attention input {shape(ref)}")
-        perms[name] = p
-    scale = core.scale if core.scale is not None else float(shape(q_rope)[-1]) ** -0.5
+    site = match_site(core, q_rope, k_rope, positional, where)
+    q_pre, k_pre, gate, k_proj, scale = site.q_pre, site.k_pre, site.gate, site.k_proj, site.scale
     projections = {"q": _module_of(projection_of(q_pre)), "k": _module_of(k_proj), "v": _module_of(projection_of(v)),
                    "o": _module_of(_projection_after(core.node))}
 
@@ -184,7 +170,7 @@ def linearize_graph(ep: torch.export.ExportedProgram, module: torch.nn.Module, w
     log.debug("ligerfx linearize %s: %s attention -> liger_site; %d nodes before, %d after; q_pre=%s k_pre=%s "
               "gate=%s v=%s q_rope=%s k_rope=%s", where, core.kind, n_before, len(graph.nodes), q_pre.name,
               k_pre.name, gate.name, v.name, q_rope.name, k_rope.name)
-    info = SiteInfo(core.kind, float(scale), HQ, HKV, int(shape(q_rope)[-1]), perms["q"], perms["k"], perms["gate"],
+    info = SiteInfo(core.kind, scale, HQ, HKV, int(shape(q_rope)[-1]), site.q_perm, site.k_perm, site.g_perm,
                     projections)
     return graph, info
 

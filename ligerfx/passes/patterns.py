@@ -314,3 +314,38 @@ def gate_source(proj: fx.Node, k_pre: fx.Node) -> fx.Node:
             break
         cur = nxt[0]
     return cur
+
+
+@dataclass
+class Site:
+    """The tensors Liger attention needs, recovered from one softmax-attention core."""
+    q_pre: fx.Node
+    k_pre: fx.Node
+    gate: fx.Node
+    k_proj: fx.Node
+    q_perm: tuple
+    k_perm: tuple
+    g_perm: tuple
+    scale: float
+
+
+def match_site(core: Core, q_rope: fx.Node, k_rope: fx.Node, positional: set, where: str,
+               roots: frozenset = frozenset()) -> Site:
+    """Pre-RoPE q/k, the gate source and their layouts relative to the attention inputs, or a clear error."""
+    try:
+        q_pre, k_pre = rope_input(q_rope, positional, roots), rope_input(k_rope, positional, roots)
+    except LookupError as e:
+        raise UnsupportedAttentionError(f"{where}: could not find the pre-RoPE query/key: {e}") from None
+    k_proj = projection_of(k_pre)
+    if k_proj is None:
+        raise UnsupportedAttentionError(f"{where}: no key projection (linear layer) found upstream of the key")
+    gate = gate_source(k_proj, k_pre)
+    perms = []
+    for name, node, ref in (("q", q_pre, q_rope), ("k", k_pre, k_rope), ("gate", gate, k_rope)):
+        p = perm_to(shape(node), shape(ref))
+        if p is None:
+            raise UnsupportedAttentionError(f"{where}: the {name} tensor before RoPE/norm has shape {shape(node)}, "
+                                            f"which is not a permutation of the attention input {shape(ref)}")
+        perms.append(p)
+    scale = core.scale if core.scale is not None else float(shape(q_rope)[-1]) ** -0.5
+    return Site(q_pre, k_pre, gate, k_proj, perms[0], perms[1], perms[2], float(scale))
