@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=2048, help="lm-eval context length (rolling windows)")
+    p.add_argument("--rolling-batch-size", type=int, default=1,
+                   help="batch size for wikitext's rolling windows (max-length tokens each; with a 262k vocabulary "
+                        "one window's float32 logits take ~2 GB), run as its own lm-eval call (default 1)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--per-task", action="store_true",
@@ -168,10 +171,13 @@ def run(args) -> int:
         if args.softmax_dtype:
             lm_kwargs["softmax_dtype"] = args.softmax_dtype
         lm = harness.make_lm(model, tok, batch_size=args.batch_size, max_length=args.max_length, **lm_kwargs)
-        groups = [[t] for t in tasks] if args.per_task else [tasks]
+        rolling = [t for t in tasks if TASKS[t].yaml_body.startswith("output_type: loglikelihood_rolling")]
+        others = [t for t in tasks if t not in rolling]
+        groups = [[t] for t in tasks] if args.per_task else [g for g in (others, rolling) if g]
         report["lm_eval_seconds"] = {}
         for group in groups:
             t1 = time.time()
+            lm.batch_size_per_gpu = args.rolling_batch_size if group[0] in rolling else args.batch_size
             out = harness.run_lm_eval(model, tok, group, data_dir=data_dir, limit=limit, batch_size=args.batch_size,
                                       max_length=args.max_length, lm=lm, subsample=args.subsample, seed=args.seed)
             report["tasks"].update(harness.summarize(out))
