@@ -46,6 +46,18 @@ def reference_liger_forward(valid, window=64, mix=0.5, normalizer=16.0):
     return forward
 
 
+def incremental_logits(model, ids, mask, pos, prefill: int):
+    """Prefill ``prefill`` tokens, then decode one token at a time through the HF cache; returns (logits, cache)."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        outs = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=pos[:, :prefill],
+                      cache=cache, use_cache=True).logits]
+        for t in range(prefill, ids.shape[1]):
+            outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                              cache=cache, use_cache=True).logits)
+    return torch.cat(outs, 1), cache
+
+
 @pytest.mark.parametrize("arch", ALL)
 def test_pass_fires_on_every_layer_and_adds_no_parameters(arch):
     model = tiny(arch)
@@ -91,13 +103,7 @@ def test_prefill_then_decode_equals_full_forward(arch):
     P = 30
     with torch.no_grad():
         full = model(ids, attention_mask=mask, position_ids=pos).logits
-        cache = DynamicCache(config=model.config)
-        outs = [model(ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], cache=cache,
-                      use_cache=True).logits]
-        for t in range(P, ids.shape[1]):
-            outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                              cache=cache, use_cache=True).logits)
-    inc = torch.cat(outs, 1)
+    inc, cache = incremental_logits(model, ids, mask, pos, P)
     v = mask.bool()[..., None].expand_as(full)
     assert all(isinstance(layer, LigerLayer) for layer in cache.layers)
     assert (inc - full)[v].abs().max().item() <= 1e-5
@@ -280,14 +286,9 @@ def test_fused_qkv_and_partial_rotary():
     ids, mask, pos = left_padded(T=90, pad=(0, 5))
     with torch.no_grad():
         full = model(ids, attention_mask=mask, position_ids=pos).logits
-        cache = DynamicCache(config=model.config)
-        outs = [model(ids[:, :20], attention_mask=mask[:, :20], position_ids=pos[:, :20], cache=cache,
-                      use_cache=True).logits]
-        for t in range(20, 90):
-            outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                              cache=cache, use_cache=True).logits)
+    inc, _ = incremental_logits(model, ids, mask, pos, 20)
     v = mask.bool()[..., None].expand_as(full)
-    assert (torch.cat(outs, 1) - full)[v].abs().max().item() <= 1e-5
+    assert (inc - full)[v].abs().max().item() <= 1e-5
     # the gate is the full key head (both the rotated and the pass-through half), pre-RoPE
     info = model.model.layers[0].self_attn._ligerfx.info
     assert info.head_dim == 16 and info.n_heads == 4 and info.n_kv_heads == 2
@@ -302,14 +303,9 @@ def test_variants_decode_equals_full_forward(cfg):
     ids, mask, pos = left_padded(T=50, pad=(0, 6))
     with torch.no_grad():
         full = model(ids, attention_mask=mask, position_ids=pos).logits
-        cache = DynamicCache(config=model.config)
-        outs = [model(ids[:, :10], attention_mask=mask[:, :10], position_ids=pos[:, :10], cache=cache,
-                      use_cache=True).logits]
-        for t in range(10, 50):
-            outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                              cache=cache, use_cache=True).logits)
+    inc, cache = incremental_logits(model, ids, mask, pos, 10)
     v = mask.bool()[..., None].expand_as(full)
-    assert (torch.cat(outs, 1) - full)[v].abs().max().item() <= 1e-5
+    assert (inc - full)[v].abs().max().item() <= 1e-5
     layer = cache.layers[0]
     if cfg.recurrent_weight == 0:
         assert layer.state is None and layer.sink_k is not None
