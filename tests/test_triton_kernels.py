@@ -22,6 +22,7 @@ from ligerfx.kernels.swa import naive as swa_naive  # noqa: E402
 from ligerfx.kernels.swa import window  # noqa: E402
 
 TOL = 1e-4
+pytestmark = pytest.mark.usefixtures("nan_poison")
 
 
 def rel(a, b):
@@ -30,17 +31,6 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture(autouse=True)
-def nan_poison(monkeypatch):
-    """torch.empty / empty_like / new_empty return NaN-filled (float) tensors."""
-    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def poison(x):
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: poison(new_empty(self, *a, **kw)))
 
 
 # ------------------------------------------------------------------------------------------------------------ GLA
