@@ -74,6 +74,34 @@ def test_pass_fires_on_every_layer_and_adds_no_parameters(arch):
     assert model.config.ligerfx["window"] == 64 and model.config.ligerfx["passes"] == ["linearize"]
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("train", [False, True])
+def test_no_softmax_attention_left_running(attn, train):
+    """The replaced softmax attention must be gone from the generated code, not computed and thrown away (SDPA and
+    dropout look impure to FX's dead-code elimination because of their dropout_p)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((str(func), [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+            return func(*args, **(kwargs or {}))
+
+    T = 40
+    model = tiny("llama", attn=attn)
+    ligerfx.transform(model)
+    model.train(train)
+    with Record() as rec:
+        model(input_ids=torch.randint(0, 100, (2, T)), use_cache=False)
+    names = [c[0] for c in rec.calls]
+    assert not [n for n in names if "scaled_dot_product" in n or "dropout" in n], names
+    # the only softmaxes left are the feature maps over the head dimension, never over T keys
+    assert all(shapes[0][-1] != T for name, shapes in rec.calls if "softmax" in name and shapes)
+
+
 @pytest.mark.parametrize("arch", ALL)
 @pytest.mark.parametrize("attn,dtype", [("sdpa", torch.float64), ("eager", torch.float64), ("sdpa", torch.float32)])
 def test_forward_equals_float64_reference(arch, attn, dtype):

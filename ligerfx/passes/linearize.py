@@ -175,15 +175,23 @@ def linearize_graph(ep: torch.export.ExportedProgram, module: torch.nn.Module, w
     return graph, info
 
 
+# Ops FX calls impure only because they may draw random numbers (``nondeterministic_seeded``: SDPA and dropout
+# take a dropout_p). Once the softmax attention they belong to is replaced they are dead and must go: leaving them
+# keeps an O(T^2) softmax attention running beside the linear one, its result thrown away.
+_RANDOM_BUT_PURE = {"scaled_dot_product_attention", "dropout", "native_dropout", "feature_dropout"}
+
+
 def _impure(n: fx.Node) -> bool:
     """Keep placeholders, outputs, in-place ops and anything with side effects: FX's default check deletes
-    ``call_method copy_`` (cache writes) as dead code."""
+    ``call_method copy_`` (cache writes) as dead code. Dropout and SDPA count as pure (see ``_RANDOM_BUT_PURE``)."""
     if n.op in ("placeholder", "output"):
         return True
     name = opname(n)
     if isinstance(name, str) and name.endswith("_") and not name.startswith("_"):
         return True
     if n.op in ("call_module", "get_attr"):
+        return False
+    if name in _RANDOM_BUT_PURE:
         return False
     return n.is_impure()
 
