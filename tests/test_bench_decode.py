@@ -1,0 +1,37 @@
+"""benchmarks/decode.py smoke mode on CPU: rows, their keys, constant ligerfx cache, growing teacher cache."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"model", "impl", "context", "batch", "ms_per_token_median", "ms_p90", "tokens_per_s", "peak_mem_bytes",
+        "cache_bytes", "card", "dtype", "torch", "transformers", "status"}
+
+
+def test_decode_benchmark_smoke(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--device", "cpu", "--contexts", "256,512",
+           "--steps", "4", "--tiny", "--out-dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| context | teacher ms/tok | ligerfx ms/tok |" in res.stdout
+    assert res.stderr.count("[decode] llama-tiny ") >= 4  # a progress line per measurement
+
+    rows = json.loads((tmp_path / "decode-cpu-tiny.json").read_text())
+    assert (tmp_path / "decode-cpu-tiny.png").stat().st_size > 0
+    assert {(r["impl"], r["context"]) for r in rows} == {(i, c) for i in ("teacher", "ligerfx") for c in (256, 512)}
+    for r in rows:
+        assert KEYS <= r.keys(), KEYS - r.keys()
+        assert r["status"] == "ok", r
+        assert r["model"] == "llama-tiny" and r["batch"] == 1
+        assert r["ms_per_token_median"] > 0 and r["ms_p90"] >= r["ms_per_token_median"] and r["tokens_per_s"] > 0
+    cache = {(r["impl"], r["context"]): r["cache_bytes"] for r in rows}
+    assert cache["ligerfx", 256] == cache["ligerfx", 512] > 0
+    assert cache["teacher", 512] > cache["teacher", 256] > 0
+
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--plot-only",
+                          str(tmp_path / "decode-cpu-tiny.json")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| 512 |" in res.stdout
