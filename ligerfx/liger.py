@@ -39,19 +39,33 @@ def log_gate(k_proj: torch.Tensor, normalizer: float) -> torch.Tensor:
     return F.logsigmoid(k_proj.float()) / normalizer
 
 
+def compute_dtype(v: torch.Tensor) -> torch.dtype:
+    """dtype the attention matmuls run in: autocast's when it is on (what it gives the SDPA we replace), else the
+    model's (that of ``v``). Feature maps and gates are computed in fp32 and then cast; the state stays fp32."""
+    if torch.is_autocast_enabled(v.device.type):
+        return torch.get_autocast_dtype(v.device.type)
+    return v.dtype
+
+
 def gla_branch(q, k, v, gate_src, cfg: LigerConfig, valid: Optional[torch.Tensor], h0: Optional[torch.Tensor]):
-    """Recurrent branch. q: [B, HQ, T, K], k/gate_src: [B, HKV, T, K], v: [B, HKV, T, V] -> (o fp32, state fp32)."""
+    """Recurrent branch. q: [B, HQ, T, K], k/gate_src: [B, HKV, T, K], v: [B, HKV, T, V] -> (o fp32, state fp32).
+
+    phi(q), phi(k) and v enter the kernel in the compute dtype (bf16 under autocast or for a bf16 model: tensor-core
+    matmuls); the gate (its cumulative sum) and the state are fp32."""
+    cd = compute_dtype(v)
     phi_q, phi_k, g = feature_map(q), feature_map(k), log_gate(gate_src, cfg.gate_normalizer)
-    v = v.float()
     if valid is not None:  # padded tokens write nothing (k = v = 0) and decay nothing (g = 0)
-        m = valid[:, None, :, None].to(phi_k.dtype)
+        m = valid[:, None, :, None]
         phi_k, v, g = phi_k * m, v * m, g * m
-    return ops.gla_fwd(phi_q, phi_k, v, g, h0)
+    return ops.gla_fwd(phi_q.to(cd), phi_k.to(cd), v.to(cd), g, h0)
 
 
 def swa_branch(q, k, v, q_pos, k_pos, scale: float, cfg: LigerConfig):
-    """Window branch on RoPE'd q/k: each query sees itself and ``cfg.window`` previous tokens (+ sinks)."""
-    o, _ = ops.swa_fwd(q, k, v, q_pos, k_pos, float(scale), int(cfg.window), int(cfg.n_sinks))
+    """Window branch on RoPE'd q/k: each query sees itself and ``cfg.window`` previous tokens (+ sinks), in the
+    compute dtype (models that upcast q/k in their norms hand us fp32 q/k even under bf16 autocast)."""
+    cd = compute_dtype(v)
+    o, _ = ops.swa_fwd(q.to(cd), k.to(cd), v.to(cd), q_pos, k_pos, float(scale), int(cfg.window),
+                       int(cfg.n_sinks))
     return o
 
 
@@ -82,14 +96,16 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
     """Liger attention for one layer. Shapes as SDPA sees them ([B, H, T, D]); returns [B, HQ, T, V].
 
     ``cache`` (a ``ligerfx.cache.LigerLayer``) carries the GLA state and the window of past keys/values between
-    calls (prefill, then decode steps); it is read before and updated after this call.
+    calls (prefill, then decode steps); it is read before and updated in place after this call.
     """
     B, _, T, _ = q_rope.shape
+    if cache is not None:
+        cache.prepare(k_rope, v)
     o_gla = o_swa = None
     if cfg.recurrent_weight > 0:
         o_gla, state = gla_branch(q_pre, k_pre, v, gate_src, cfg, valid, cache.state if cache is not None else None)
         if cache is not None:
-            cache.state = state
+            cache.update_state(state)
     start = cache.seen if cache is not None else None
     q_pos = positions(valid, B, T, q_rope.device, start)
     if cfg.recurrent_weight < 1:
@@ -99,5 +115,5 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
             keys, values, k_pos = k_rope, v, q_pos
         o_swa = swa_branch(q_rope, keys, values, q_pos, k_pos, scale, cfg)
     if cache is not None:
-        cache.advance(k_rope, v, q_pos, keep_window=cfg.recurrent_weight < 1)
+        cache.advance(k_rope, v, q_pos)
     return mix(o_gla, o_swa, cfg, v.dtype)
