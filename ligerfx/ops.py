@@ -9,8 +9,13 @@ The default implementation is the plain-PyTorch reference in ``ligerfx/kernels/*
     ligerfx::gla_bwd(q, k, v, g, h0?, do, dhT?)      -> (dq, dk, dv, dg, dh0)
     ligerfx::swa_fwd(q, k, v, q_pos, k_pos, scale, window, sinks)          -> (o, lse)
     ligerfx::swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale, window, sinks) -> (dq, dk, dv)
+    ligerfx::liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos?, h0?, scale, window, mix, gate_normalizer)
+        -> (o, hT, lse)
+    ligerfx::liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos?, h0?, lse, do, dhT?, scale, window, mix,
+                       gate_normalizer) -> (dq_pre, dk_pre, dv, dgate_src, dq_rope, dk_rope, dh0)
 
-Shapes and semantics are documented in ``kernels/gla/naive.py`` and ``kernels/swa/naive.py``.
+Shapes and semantics are documented in ``kernels/gla/naive.py``, ``kernels/swa/naive.py`` and
+``kernels/liger/naive.py`` (the whole Liger attention of one layer, no cache, no sinks: one fused forward kernel).
 """
 from __future__ import annotations
 
@@ -20,15 +25,20 @@ import torch
 from torch import Tensor
 
 from .kernels.gla import naive as gla_naive
+from .kernels.liger import naive as liger_naive
 from .kernels.swa import naive as swa_naive
 
 # op name -> device type -> implementation. Filled by the Triton kernel modules when they import.
-_IMPLS: dict[str, dict[str, Callable]] = {"gla_fwd": {}, "gla_bwd": {}, "swa_fwd": {}, "swa_bwd": {}}
+_IMPLS: dict[str, dict[str, Callable]] = {
+    "gla_fwd": {}, "gla_bwd": {}, "swa_fwd": {}, "swa_bwd": {}, "liger_fwd": {}, "liger_bwd": {},
+}
 _REFERENCE = {
     "gla_fwd": gla_naive.gla_fwd,
     "gla_bwd": gla_naive.gla_bwd_chunked,
     "swa_fwd": swa_naive.swa_fwd,
     "swa_bwd": swa_naive.swa_bwd,
+    "liger_fwd": liger_naive.liger_fwd,
+    "liger_bwd": liger_naive.liger_bwd,
 }
 _FORCE_REFERENCE = False
 
@@ -150,6 +160,60 @@ def _swa_backward(ctx, do, dlse):
 
 
 swa_fwd.register_autograd(_swa_backward, setup_context=_swa_setup)
+
+
+# ------------------------------------------------------------------------------------------- Liger (fused)
+@torch.library.custom_op("ligerfx::liger_fwd", mutates_args=())
+def liger_fwd(
+    q_pre: Tensor, k_pre: Tensor, v: Tensor, gate_src: Tensor, q_rope: Tensor, k_rope: Tensor, pos: Optional[Tensor],
+    h0: Optional[Tensor], scale: float, window: int, mix: float, gate_normalizer: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    o, hT, lse = _impl("liger_fwd", v)(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale, window, mix,
+                                        gate_normalizer)
+    return o.contiguous(), hT.contiguous(), lse.contiguous()
+
+
+@liger_fwd.register_fake
+def _(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale, window, mix, gate_normalizer):
+    B, HQ, T, K = q_pre.shape
+    HKV, V = k_pre.shape[1], v.shape[-1]
+    return (v.new_empty(B, HQ, T, V), v.new_empty(B, HKV, K, V, dtype=torch.float32),
+            v.new_empty(B, HQ, T, dtype=torch.float32))
+
+
+@torch.library.custom_op("ligerfx::liger_bwd", mutates_args=())
+def liger_bwd(
+    q_pre: Tensor, k_pre: Tensor, v: Tensor, gate_src: Tensor, q_rope: Tensor, k_rope: Tensor, pos: Optional[Tensor],
+    h0: Optional[Tensor], lse: Tensor, do: Tensor, dhT: Optional[Tensor], scale: float, window: int, mix: float,
+    gate_normalizer: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _impl("liger_bwd", v)(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, scale, window,
+                                  mix, gate_normalizer)
+    return tuple(x.contiguous() for x in grads)
+
+
+@liger_bwd.register_fake
+def _(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, scale, window, mix, gate_normalizer):
+    B, HKV, K, V = k_pre.shape[0], k_pre.shape[1], k_pre.shape[-1], v.shape[-1]
+    return (_new(q_pre), _new(k_pre), _new(v), _new(gate_src), _new(q_rope), _new(k_rope),
+            v.new_empty(B, HKV, K, V, dtype=torch.float32))
+
+
+def _liger_setup(ctx, inputs, output):
+    q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale, window, mix, gate_normalizer = inputs
+    ctx.args = (scale, window, mix, gate_normalizer)
+    ctx.has_h0 = h0 is not None
+    ctx.save_for_backward(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, output[2])
+
+
+def _liger_backward(ctx, do, dhT, dlse):
+    """lse is not differentiable (its gradient is ignored)."""
+    q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse = ctx.saved_tensors
+    grads = liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, *ctx.args)
+    return (*grads[:6], None, grads[6] if ctx.has_h0 else None, None, None, None, None)
+
+
+liger_fwd.register_autograd(_liger_backward, setup_context=_liger_setup)
 
 
 def _register_triton_kernels() -> None:

@@ -12,7 +12,8 @@ interpreter (``TRITON_INTERPRET=1`` must be set before ``triton`` is imported; f
         o, hT = torch.ops.ligerfx.gla_fwd(q, k, v, g, None)
 
 Dispatch: ``gla_fwd`` runs the fused recurrent kernel for ``T <= recurrent.MAX_T`` (decode), the chunk kernels
-otherwise; the backward pass is always chunked.
+otherwise; the backward pass is always chunked. ``liger_fwd`` is one fused kernel (``liger/fused.py``); ``liger_bwd``
+composes the GLA and window backward kernels.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 
 from .. import ops
 from .gla import chunk, recurrent
+from .liger import fused
 from .swa import window
 from .utils import interpreting
 
@@ -50,6 +52,8 @@ IMPLS = {
     "gla_bwd": _on_device(chunk.chunk_gla_bwd),
     "swa_fwd": _on_device(window.swa_fwd),
     "swa_bwd": _on_device(window.swa_bwd),
+    "liger_fwd": _on_device(fused.liger_fwd),
+    "liger_bwd": _on_device(fused.liger_bwd),
 }
 
 

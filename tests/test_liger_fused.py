@@ -1,0 +1,210 @@
+"""The fused Liger-attention op (``ligerfx::liger_fwd`` / ``liger_bwd``) against its naive twin and against the
+unfused composition in ``ligerfx/liger.py``.
+
+The Triton kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``) in fp32 at
+tiny shapes; every buffer it allocates is NaN-poisoned, so an element it forgets to write fails the comparison.
+"""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+
+from ligerfx import liger  # noqa: E402
+from ligerfx.config import LigerConfig  # noqa: E402
+from ligerfx.kernels import triton_impls  # noqa: E402
+from ligerfx.kernels.liger import fused, naive  # noqa: E402
+
+TOL = 1e-4
+pytestmark = pytest.mark.usefixtures("nan_poison")
+
+
+def rel(a, b):
+    assert not torch.isnan(a).any(), "NaN (unwritten or overflowed element)"
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def liger_inputs(B=2, HKV=2, G=2, T=37, K=16, V=16, pads=None, h0=True, gate_scale=1.0, dtype=torch.float32):
+    """Model-like inputs; ``pads[b]`` left-padded slots in row b (None: no positions tensor)."""
+    x = dict(
+        q_pre=torch.randn(B, HKV * G, T, K) * 2, k_pre=torch.randn(B, HKV, T, K) * 2, v=torch.randn(B, HKV, T, V),
+        gate_src=torch.randn(B, HKV, T, K) * gate_scale, q_rope=torch.randn(B, HKV * G, T, K),
+        k_rope=torch.randn(B, HKV, T, K),
+    )
+    x = {n: t.to(dtype) for n, t in x.items()}
+    valid = None
+    if pads is not None:
+        valid = torch.ones(B, T, dtype=torch.bool)
+        for b, p in enumerate(pads):
+            valid[b, :p] = False
+    x["pos"] = None if valid is None else liger.positions(valid, B, T, "cpu")
+    x["h0"] = torch.randn(B, HKV, K, V) if h0 else None
+    return x, valid
+
+
+ARGS = ("q_pre", "k_pre", "v", "gate_src", "q_rope", "k_rope", "pos", "h0")
+
+
+def call(fn, x, scale=0.3, window=64, mix=0.5, norm=16.0):
+    return fn(*(x[n] for n in ARGS), scale, window, mix, norm)
+
+
+def check_fwd(x, tol=TOL, **kw):
+    o, hT, lse = call(fused.liger_fwd, x, **kw)
+    o_ref, hT_ref, lse_ref = call(naive.liger_fwd, {n: t if n in ("pos", "h0") or t is None else t.float()
+                                                    for n, t in x.items()}, **kw)
+    assert o.dtype == x["v"].dtype and hT.dtype == lse.dtype == torch.float32
+    assert rel(o, o_ref) < tol and rel(hT, hT_ref) < tol
+    seen = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), seen) and rel(lse[seen], lse_ref[seen]) < tol
+    return o, hT, lse
+
+
+# ------------------------------------------------------------------------------------------------------ forward
+@pytest.mark.parametrize("T,G,GP,h0,pads", [
+    (1, 1, 1, True, None), (37, 2, 2, False, (0, 5)), (37, 4, 1, True, None), (100, 1, 1, True, (0, 30)),
+    (100, 2, 1, False, None), (130, 4, 4, True, (0, 70)), (130, 4, 2, False, None), (130, 1, 1, False, None),
+])
+def test_fused_fwd_matches_naive(monkeypatch, T, G, GP, h0, pads):
+    """GP: query heads per program (the others recompute the state of their KV head)."""
+    monkeypatch.setenv("LIGERFX_LIGER_GP", str(GP))
+    x, _ = liger_inputs(B=2, HKV=2 if G < 4 else 1, G=G, T=T, K=16 if T > 64 else 32, V=16 if T > 64 else 24,
+                        pads=pads, h0=h0)
+    check_fwd(x, window=8 if T == 130 else 64)
+
+
+def test_fused_fwd_head_dim_64():
+    x, _ = liger_inputs(B=1, HKV=1, G=2, T=70, K=64, V=64, pads=None)
+    check_fwd(x, scale=64 ** -0.5)
+
+
+@pytest.mark.parametrize("BT,BV,T,window", [(16, 16, 37, 5), (16, 16, 70, 16), (16, 16, 70, 40), (64, 32, 150, 64),
+                                             (64, 32, 150, 100)])
+def test_fused_fwd_block_sizes(monkeypatch, BT, BV, T, window):
+    """Chunks of 16 and 64 tokens; the state and output split over V blocks; windows spanning up to three earlier
+    chunks."""
+    monkeypatch.setitem(fused.BLOCKS, 64, (BT, BV, 4, 1))
+    x, _ = liger_inputs(B=2, HKV=1, G=2, T=T, K=16, V=40, pads=(0, 9))
+    check_fwd(x, window=window, mix=0.3)
+
+
+@pytest.mark.parametrize("BT,GP", [(32, 1), (64, 2)])
+def test_fused_fwd_strong_gates(monkeypatch, BT, GP):
+    """Gates down to about -40 per token: chunks take the sub-chunk path (scratch buffer), mixed with mild ones."""
+    monkeypatch.setitem(fused.BLOCKS, 64, (BT, 64, 4, 1))
+    monkeypatch.setenv("LIGERFX_LIGER_GP", str(GP))
+    x, _ = liger_inputs(B=2, HKV=2, G=2, T=150, pads=(0, 40))
+    x["gate_src"][:, 1, 60:110] *= 40
+    check_fwd(x, norm=1.0)
+
+
+def test_fused_fwd_strided_inputs():
+    """Inputs in [B, T, H, D] memory (permuted views, as the graph passes hand them over): no copies needed."""
+    x, _ = liger_inputs(B=2, HKV=2, G=2, T=40, pads=(3, 0))
+    y = {n: (t.transpose(1, 2).contiguous().transpose(1, 2) if n not in ("pos", "h0") else t) for n, t in x.items()}
+    assert not y["q_pre"].is_contiguous()
+    o, hT, lse = check_fwd(y)
+    o2, hT2, lse2 = call(fused.liger_fwd, x)
+    assert torch.equal(o, o2) and torch.equal(hT, hT2)
+
+
+def test_fused_fwd_fp16():
+    x, _ = liger_inputs(B=1, HKV=2, G=2, T=70, pads=None, dtype=torch.float16)
+    check_fwd(x, tol=1e-2)
+
+
+def test_fused_padding_writes_nothing():
+    """Left padding: valid rows and the final state equal those of the unpadded row."""
+    x, _ = liger_inputs(B=2, HKV=1, G=2, T=50, pads=(0, 13))
+    o, hT, lse = call(fused.liger_fwd, x)
+    y = {n: (t[1:, :, 13:] if n not in ("pos", "h0") else t) for n, t in x.items()}
+    y["pos"], y["h0"] = None, x["h0"][1:]
+    o1, hT1, lse1 = call(fused.liger_fwd, y)
+    assert rel(o[1:, :, 13:], o1) < TOL and rel(hT[1:], hT1) < TOL and rel(lse[1:, :, 13:], lse1) < TOL
+    assert torch.all(lse[1, :, :13] == float("-inf"))
+
+
+# -------------------------------------------------------------------------------------- against liger.py, grads
+def unfused(x, valid, scale, cfg):
+    """liger.py's unfused composition (gla_branch, swa_branch, mix) with the final state."""
+    o_gla, hT = liger.gla_branch(x["q_pre"], x["k_pre"], x["v"], x["gate_src"], cfg, valid, x["h0"])
+    B, _, T, _ = x["q_rope"].shape
+    pos = liger.positions(valid, B, T, "cpu")
+    o_swa = liger.swa_branch(x["q_rope"], x["k_rope"], x["v"], pos, pos, scale, cfg)
+    return liger.mix(o_gla, o_swa, cfg, x["v"].dtype), hT
+
+
+LEAVES = ("q_pre", "k_pre", "v", "gate_src", "q_rope", "k_rope", "h0")
+
+
+def grads_of(fn, x, do, dhT):
+    leaves = {n: x[n].clone().requires_grad_() for n in LEAVES if x[n] is not None}
+    o, hT = fn({**x, **leaves})
+    ((o * do).sum() + (hT * dhT).sum()).backward()
+    return o.detach(), hT.detach(), {n: t.grad for n, t in leaves.items()}
+
+
+@pytest.mark.parametrize("T,G,h0,pads", [(37, 2, True, (0, 6)), (100, 4, False, None), (130, 1, True, (0, 70))])
+def test_op_matches_unfused_liger_with_grads(T, G, h0, pads):
+    """torch.ops.ligerfx.liger_fwd + autograd (Triton forward and backward) == liger.py's unfused composition
+    (reference kernels): output, final state and every gradient."""
+    cfg = LigerConfig(window=8 if T == 130 else 64, mix=0.5)
+    x, valid = liger_inputs(B=2, HKV=4 // G if G < 4 else 1, G=G, T=T, pads=pads, h0=h0)
+    do = torch.randn(*x["q_rope"].shape[:3], x["v"].shape[-1])
+    dhT = torch.randn(x["k_pre"].shape[0], x["k_pre"].shape[1], 16, 16)
+    ref = grads_of(lambda y: unfused(y, valid, 0.3, cfg), x, do, dhT)
+
+    def op(y):
+        o, hT, _ = torch.ops.ligerfx.liger_fwd(*(y[n] for n in ARGS), 0.3, cfg.window, cfg.mix, cfg.gate_normalizer)
+        return o, hT
+
+    with triton_impls.on_cpu():
+        got = grads_of(op, x, do, dhT)
+    reference_op = grads_of(op, x, do, dhT)  # the CPU default: the naive twin
+    for res in (got, reference_op):
+        assert rel(res[0], ref[0]) < TOL and rel(res[1], ref[1]) < TOL
+        assert res[2].keys() == ref[2].keys()
+        for n in ref[2]:
+            assert rel(res[2][n], ref[2][n]) < TOL, n
+
+
+def test_op_strong_gates_grads():
+    """Strong gates (gate_normalizer 1) through the op's autograd: Triton path == naive twin."""
+    x, _ = liger_inputs(B=1, HKV=1, G=2, T=80, gate_scale=8.0)
+    do, dhT = torch.randn(1, 2, 80, 16), torch.randn(1, 1, 16, 16)
+
+    def op(y):
+        o, hT, _ = torch.ops.ligerfx.liger_fwd(*(y[n] for n in ARGS), 0.3, 64, 0.5, 1.0)
+        return o, hT
+
+    with triton_impls.on_cpu():
+        got = grads_of(op, x, do, dhT)
+    ref = grads_of(op, x, do, dhT)
+    for a, b in zip(got[:2], ref[:2]):
+        assert rel(a, b) < TOL
+    for n in ref[2]:
+        assert rel(got[2][n], ref[2][n]) < TOL, n
+
+
+def test_opcheck():
+    x, _ = liger_inputs(B=2, HKV=1, G=2, T=9, K=8, V=8, pads=(0, 3))
+    args = tuple(x[n] for n in ARGS)
+    torch.library.opcheck(torch.ops.ligerfx.liger_fwd.default, (*args, 0.3, 4, 0.5, 16.0))
+    y, _ = liger_inputs(B=1, HKV=1, G=1, T=9, K=8, V=8, h0=False)
+    torch.library.opcheck(torch.ops.ligerfx.liger_fwd.default, (*(y[n] for n in ARGS), 0.3, 4, 0.5, 16.0))
+    o, hT, lse = torch.ops.ligerfx.liger_fwd(*args, 0.3, 4, 0.5, 16.0)
+    torch.library.opcheck(torch.ops.ligerfx.liger_bwd.default,
+                          (*args, lse, torch.randn_like(o), torch.randn_like(hT), 0.3, 4, 0.5, 16.0))
+
+
+def test_registered_for_cuda_and_on_cpu():
+    from ligerfx import ops
+    assert ops._IMPLS["liger_fwd"].get("cuda") is triton_impls.IMPLS["liger_fwd"]
+    assert "cpu" not in ops._IMPLS["liger_fwd"]
+    with triton_impls.on_cpu():
+        assert ops._IMPLS["liger_bwd"]["cpu"] is triton_impls.IMPLS["liger_bwd"]
+    assert "cpu" not in ops._IMPLS["liger_bwd"]
