@@ -103,7 +103,8 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
         cache.prepare(k_rope, v)
     o_gla = o_swa = None
     if cfg.recurrent_weight > 0:
-        o_gla, state = gla_branch(q_pre, k_pre, v, gate_src, cfg, valid, cache.state if cache is not None else None)
+        o_gla, state = gla_branch(q_pre, k_pre, v, gate_src, cfg, valid,
+                                  cache.initial_state() if cache is not None else None)
         if cache is not None:
             cache.update_state(state)
     start = cache.seen if cache is not None else None

@@ -83,7 +83,7 @@ def liger_site(q_pre, k_pre, v, gate, q_rope, k_rope, ctx: _Ctx):
     valid = token_validity(ctx.mask, B, T)
     layer = None
     if ctx.cache is not None:
-        layer = liger_layer(ctx.cache, ctx.lin.layer_idx, cfg.window, cfg.n_sinks)
+        layer = liger_layer(ctx.cache, ctx.lin.layer_idx, cfg)
     return liger.liger_attention(q_pre, k_pre, v, gate, q_rope, k_rope, scale=info.scale, cfg=cfg, valid=valid,
                                  cache=layer)
 
@@ -106,7 +106,9 @@ def token_validity(mask, B: int, T: int, shortcut: bool = True) -> Optional[torc
     else:
         raise UnsupportedAttentionError(f"ligerfx: unexpected attention mask of shape {tuple(mask.shape)}")
     v = v.expand(B, T)
-    if shortcut and not torch.compiler.is_compiling() and bool(v.all()):  # no padding: skip the masking work
+    # no padding: skip the masking work (a host sync, so not while compiling or capturing a CUDA graph)
+    if shortcut and not torch.compiler.is_compiling() and not (v.is_cuda and torch.cuda.is_current_stream_capturing()) \
+            and bool(v.all()):
         return None
     return v
 
