@@ -1,12 +1,18 @@
 """Kernel benchmark: ligerfx GLA, SWA and their sum (Liger attention) against PyTorch SDPA (flash, causal).
 
     TRITON_INTERPRET=0 python benchmarks/kernels.py [--T 2048 8192 32768 65536] [--D 64 128 256] [--out FILE]
+        [--ops gla swa liger liger_fused liger_unfused sdpa]
 
 Run tests/gpu/test_kernels_gpu.py first: a speed number means nothing for a kernel that is wrong. Inputs are bf16,
 head-first [B, H, T, D]; K = V = D; HQ query heads, HKV KV heads (GQA). B = max(1, 16384 // T), so B*T >= 16K tokens.
 Times are ``triton.testing.do_bench`` medians (ms; L2 flushed between runs). "fwd+bwd" calls the host wrappers
 (forward, then backward with a random ``do``); SDPA runs through autograd with k and v repeated to HQ heads outside the
 timed region. "liger" = GLA + SWA (window 64) on the same q, k, v (the 0.5/0.5 mix is not included).
+"liger_fused" = the whole Liger attention of a layer from the raw projections: ``kernels/liger/fused.py``'s one
+forward kernel (feature maps, gate, GLA, window, mix), and for fwd+bwd its backward (feature maps and gate
+recomputed in PyTorch around the GLA and window backward kernels). "liger_unfused" = the same computation as
+``liger.py`` composes it (PyTorch feature maps and gates, ``ligerfx::gla_fwd`` + ``ligerfx::swa_fwd``, mix), through
+autograd for fwd+bwd: what liger_fused replaces.
 
 HBM floor: the fewest bytes each op must move (every input read once, every output written once), over the
 bandwidth measured by a device-to-device copy (bytes read + written). Per token, s = 2 (bf16)::
@@ -16,6 +22,9 @@ bandwidth measured by a device-to-device copy (bytes read + written). Per token,
     swa fwd   s*(2*HQ*D + 2*HKV*D) + 4*HQ            read q, k, v; write o, lse
     swa bwd   s*(4*HQ*D + 4*HKV*D) + 4*HQ            read q, k, v, o, do, lse; write dq, dk, dv
     liger     gla + swa;   sdpa: as swa (its causal FLOPs, not bytes, bound it)
+    liger_fused fwd  s*(3*HQ*D + 4*HKV*D) + 4*HQ      read q_pre, k_pre, gate, v, q_rope, k_rope once; write o, lse
+    liger_fused bwd  s*(5*HQ*D + 8*HKV*D) + 4*HQ      read the six inputs, do, lse; write their six gradients
+    liger_unfused    as liger_fused (same inputs and outputs; the floor does not depend on how it is computed)
 
 Rows written to ``benchmarks/results/kernels-<card>.json``: op, mode, T, B, H, HKV, D, ms, fla_ms (null: fla not
 installed on the GPU machine), sdpa_ms, hbm_floor_ms, pct_of_floor (floor / ms), ratio_to_sdpa (ms / sdpa_ms), card.
@@ -33,7 +42,10 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ligerfx import liger  # noqa: E402
+from ligerfx.config import LigerConfig  # noqa: E402
 from ligerfx.kernels.gla import chunk  # noqa: E402
+from ligerfx.kernels.liger import fused  # noqa: E402
 from ligerfx.kernels.swa import window as swa  # noqa: E402
 
 WINDOW = 64
@@ -45,8 +57,13 @@ def floor_bytes(op, mode, HQ, HKV, D, s=2):
     gla_b = 4 * HQ * D + s * (2 * HQ * D + 6 * HKV * D)
     swa_f = s * (2 * HQ * D + 2 * HKV * D) + 4 * HQ
     swa_b = s * (4 * HQ * D + 4 * HKV * D) + 4 * HQ
-    f = {"gla": gla_f, "swa": swa_f, "liger": gla_f + swa_f, "sdpa": swa_f}[op]
-    b = {"gla": gla_b, "swa": swa_b, "liger": gla_b + swa_b, "sdpa": swa_b}[op]
+    # fused: q_pre, k_pre, gate, v, q_rope, k_rope read once in the model dtype, o written once, lse (fp32) for bwd
+    fused_f = s * (3 * HQ * D + 4 * HKV * D) + 4 * HQ
+    fused_b = s * (5 * HQ * D + 8 * HKV * D) + 4 * HQ
+    f = {"gla": gla_f, "swa": swa_f, "liger": gla_f + swa_f, "sdpa": swa_f, "liger_fused": fused_f,
+         "liger_unfused": fused_f}[op]
+    b = {"gla": gla_b, "swa": swa_b, "liger": gla_b + swa_b, "sdpa": swa_b, "liger_fused": fused_b,
+         "liger_unfused": fused_b}[op]
     return f if mode == "fwd" else f + b
 
 
@@ -85,6 +102,32 @@ def make_ops(B, T, D, dtype=torch.bfloat16):
         o, lse = swa.swa_fwd(qs, ks, v, pos, pos, scale, WINDOW, 0)
         return swa.swa_bwd(qs, ks, v, pos, pos, o, lse, do, scale, WINDOW, 0)
 
+    # raw projections for the whole-layer ops (q_rope, k_rope = qs, ks)
+    q_pre = torch.randn(B, HQ, T, D, device=dev, dtype=dtype)
+    k_pre = torch.randn(B, HKV, T, D, device=dev, dtype=dtype)
+    gate = torch.randn(B, HKV, T, D, device=dev, dtype=dtype)
+    cfg = LigerConfig(window=WINDOW)
+
+    def fused_fwd():
+        return fused.liger_fwd(q_pre, k_pre, v, gate, qs, ks, None, None, scale, WINDOW, cfg.mix,
+                               cfg.gate_normalizer)
+
+    def fused_fb():
+        o, _, lse = fused.liger_fwd(q_pre, k_pre, v, gate, qs, ks, None, None, scale, WINDOW, cfg.mix,
+                                    cfg.gate_normalizer)
+        return fused.liger_bwd(q_pre, k_pre, v, gate, qs, ks, None, None, lse, do, None, scale, WINDOW, cfg.mix,
+                               cfg.gate_normalizer)
+
+    leaves = [x.clone().requires_grad_() for x in (q_pre, k_pre, v, gate, qs, ks)]
+
+    def unfused_fwd():
+        with torch.no_grad():
+            return liger.liger_attention(q_pre, k_pre, v, gate, qs, ks, scale=scale, cfg=cfg)
+
+    def unfused_fb():
+        liger.liger_attention(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], leaves[5], scale=scale,
+                              cfg=cfg).backward(do)
+
     kr = ks.repeat_interleave(HQ // HKV, 1).requires_grad_()
     vr = v.repeat_interleave(HQ // HKV, 1).requires_grad_()
     qr = qs.clone().requires_grad_()
@@ -103,13 +146,15 @@ def make_ops(B, T, D, dtype=torch.bfloat16):
         ("swa", "fwd"): swa_fwd, ("swa", "fwd+bwd"): swa_fb,
         ("liger", "fwd"): lambda: (gla_fwd(), swa_fwd()), ("liger", "fwd+bwd"): lambda: (gla_fb(), swa_fb()),
         ("sdpa", "fwd"): sdpa_fwd, ("sdpa", "fwd+bwd"): sdpa_fb,
-    }, [qr, kr, vr]
+        ("liger_fused", "fwd"): fused_fwd, ("liger_fused", "fwd+bwd"): fused_fb,
+        ("liger_unfused", "fwd"): unfused_fwd, ("liger_unfused", "fwd+bwd"): unfused_fb,
+    }, [qr, kr, vr] + leaves
 
 
 def profile(B, T, D):
-    """Per-kernel CUDA time of one GLA and one SWA forward+backward (after a warm-up call)."""
+    """Per-kernel CUDA time of one GLA, one SWA and one fused Liger forward+backward (after a warm-up call)."""
     ops, _ = make_ops(B, T, D)
-    for key in (("gla", "fwd+bwd"), ("swa", "fwd+bwd")):
+    for key in (("gla", "fwd+bwd"), ("swa", "fwd+bwd"), ("liger_fused", "fwd+bwd")):
         ops[key]()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -128,6 +173,8 @@ def main():
     ap.add_argument("--max-T-64", type=int, default=32768, help="longest T timed at D=64")
     ap.add_argument("--compile-only", action="store_true", help="run every kernel once at T=256 (warms the cache)")
     ap.add_argument("--profile", action="store_true", help="per-kernel CUDA times (torch.profiler) per --D/--T")
+    ap.add_argument("--ops", nargs="+", default=["gla", "swa", "liger", "liger_fused", "liger_unfused", "sdpa"],
+                    help="ops to time (sdpa is always timed: the ratios refer to it)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     print("command:", " ".join(["python"] + sys.argv), flush=True)
@@ -158,8 +205,9 @@ def main():
             B = max(1, 16384 // T)
             try:
                 ops, grads = make_ops(B, T, D)
-                for fn in ops.values():  # compile / autotune outside the timed region
-                    fn()
+                for (op, _), fn in ops.items():  # compile / autotune outside the timed region
+                    if op in args.ops or op == "sdpa":
+                        fn()
                 torch.cuda.synchronize()
             except Exception as e:  # keep the other shapes
                 print(f"D={D} T={T}: FAILED {type(e).__name__}: {e}", flush=True)
@@ -167,8 +215,8 @@ def main():
             for mode in ("fwd", "fwd+bwd"):
                 t0 = time.time()
                 ms = {op: triton.testing.do_bench(ops[(op, mode)], warmup=25, rep=100, return_mode="median",
-                                                  grad_to_none=grads if op == "sdpa" else None)
-                      for op in ("gla", "swa", "liger", "sdpa")}
+                                                  grad_to_none=grads if op in ("sdpa", "liger_unfused") else None)
+                      for op in dict.fromkeys([o for o in args.ops if o != "sdpa"] + ["sdpa"])}
                 for op, t in ms.items():
                     floor = B * T * floor_bytes(op, mode, HQ, HKV, D) / bw * 1e3
                     rows.append(dict(op=op, mode=mode, T=T, B=B, H=HQ, HKV=HKV, D=D, ms=round(t, 4), fla_ms=None,
@@ -183,10 +231,10 @@ def main():
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"\n{'op':6} {'mode':8} {'D':>4} {'T':>6} {'B':>2} {'ms':>9} {'sdpa':>9} {'x sdpa':>7} {'floor':>8} "
+    print(f"\n{'op':13} {'mode':8} {'D':>4} {'T':>6} {'B':>2} {'ms':>9} {'sdpa':>9} {'x sdpa':>7} {'floor':>8} "
           f"{'%floor':>6}")
     for r in rows:
-        print(f"{r['op']:6} {r['mode']:8} {r['D']:>4} {r['T']:>6} {r['B']:>2} {r['ms']:>9.3f} {r['sdpa_ms']:>9.3f} "
+        print(f"{r['op']:13} {r['mode']:8} {r['D']:>4} {r['T']:>6} {r['B']:>2} {r['ms']:>9.3f} {r['sdpa_ms']:>9.3f} "
               f"{r['ratio_to_sdpa']:>7.2f} {r['hbm_floor_ms']:>8.3f} {r['pct_of_floor']:>6.1f}")
     print("wrote", out)
 

@@ -20,6 +20,10 @@ The math is ``ligerfx/liger.py``'s (no cache, no sinks)::
                    pos_j >= 0, pos_t >= 0 and 0 <= pos_t - pos_j <= window; ``scale`` the model's
     o            = mix * o_gla + (1 - mix) * o_swa
 
+As in ``liger.py``, the recurrent branch's matmul operands (phi_q, phi_k, v) are in v's dtype (the compute dtype:
+callers cast q_rope, k_rope and v to it; q_pre, k_pre and gate_src may stay in any float dtype), the gate and the
+state in fp32.
+
 The backward pass differentiates through the feature maps and the gate by hand (softmax and logsigmoid
 derivatives) around the backward kernels of the two branches, which it takes as arguments (default: the naive
 references), so the Triton twin (``fused.py``) reuses it with its own kernels.
@@ -42,24 +46,29 @@ def positions(pos: Optional[torch.Tensor], B: int, T: int, device) -> torch.Tens
     return torch.arange(T, device=device).expand(B, T)
 
 
-def branch_inputs(q_pre, k_pre, v, gate_src, pos, gate_normalizer: float):
-    """Recurrent-branch inputs in fp32: phi_q, phi_k, v, g with padded tokens zeroed, and the [B, 1, T, 1] mask."""
-    phi_q = torch.softmax(q_pre.float(), -1)
-    phi_k = torch.softmax(k_pre.float(), -1)
-    g = F.logsigmoid(gate_src.float()) / gate_normalizer
-    vf = v.float()
-    m = None
-    if pos is not None:
-        m = (pos >= 0)[:, None, :, None].float()
-        phi_k, vf, g = phi_k * m, vf * m, g * m
-    return phi_q, phi_k, vf, g, m
+def features(q_pre, k_pre, gate_src, gate_normalizer: float):
+    """phi_q, phi_k (softmax over the head dim) and the log gate, fp32."""
+    return (torch.softmax(q_pre.float(), -1), torch.softmax(k_pre.float(), -1),
+            F.logsigmoid(gate_src.float()) / gate_normalizer)
+
+
+def padding_mask(pos):
+    """[B, 1, T, 1] fp32 validity of the tokens (None without positions: all valid)."""
+    return None if pos is None else (pos >= 0)[:, None, :, None].float()
+
+
+def recurrent_inputs(phi_q, phi_k, v, g, m):
+    """GLA operands: phi_q, phi_k, v in v's dtype (padded tokens zeroed: no write), g fp32 (zeroed: no decay)."""
+    if m is not None:
+        phi_k, v, g = phi_k * m, v * m.to(v.dtype), g * m
+    return phi_q.to(v.dtype), phi_k.to(v.dtype), v, g
 
 
 def liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale: float, window: int, mix: float,
               gate_normalizer: float, gla_fwd=gla_naive.gla_fwd, swa_fwd=swa_naive.swa_fwd):
     B, T = q_rope.shape[0], q_rope.shape[2]
-    phi_q, phi_k, vf, g, _ = branch_inputs(q_pre, k_pre, v, gate_src, pos, gate_normalizer)
-    o_gla, hT = gla_fwd(phi_q, phi_k, vf, g, h0)
+    phi_q, phi_k, g = features(q_pre, k_pre, gate_src, gate_normalizer)
+    o_gla, hT = gla_fwd(*recurrent_inputs(phi_q, phi_k, v, g, padding_mask(pos)), h0)
     p = positions(pos, B, T, q_rope.device)
     o_swa, lse = swa_fwd(q_rope, k_rope, v, p, p, float(scale), int(window), 0)
     o = mix * o_gla + (1.0 - mix) * o_swa.float()
@@ -77,8 +86,9 @@ def liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, 
 
     The window branch's output is recomputed (``swa_fwd``); its saved ``lse`` is used as is."""
     B, T = q_rope.shape[0], q_rope.shape[2]
-    phi_q, phi_k, vf, g, m = branch_inputs(q_pre, k_pre, v, gate_src, pos, gate_normalizer)
-    dphi_q, dphi_k, dv_gla, dg, dh0 = gla_bwd(phi_q, phi_k, vf, g, h0, mix * do.float(), dhT)
+    phi_q, phi_k, g = features(q_pre, k_pre, gate_src, gate_normalizer)
+    m = padding_mask(pos)
+    dphi_q, dphi_k, dv_gla, dg, dh0 = gla_bwd(*recurrent_inputs(phi_q, phi_k, v, g, m), h0, mix * do.float(), dhT)
     p = positions(pos, B, T, q_rope.device)
     o_swa, _ = swa_fwd(q_rope, k_rope, v, p, p, float(scale), int(window), 0)
     do_swa = ((1.0 - mix) * do.float()).to(o_swa.dtype)
@@ -87,7 +97,7 @@ def liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, 
     if m is not None:
         dphi_k, dv_gla, dg = dphi_k * m, dv_gla * m, dg * m
     dq_pre = _softmax_bwd(phi_q, dphi_q.float())
-    dk_pre = _softmax_bwd(torch.softmax(k_pre.float(), -1), dphi_k)
+    dk_pre = _softmax_bwd(phi_k, dphi_k)
     # d logsigmoid(x) / dx = sigmoid(-x)
     dgate = dg * torch.sigmoid(-gate_src.float()) / gate_normalizer
     dv = dv_gla + dv_swa.float()
