@@ -173,7 +173,7 @@ class LigerLayer(CacheLayerMixin):
 
     def _write_one(self, k, v, pos, valid):
         """Decode step: token ``p`` into slot ``p % window`` (a padded token rewrites the slot's old contents)."""
-        B, H, _, D = k.shape
+        B, H = k.shape[:2]
         slot = (self.seen % self.window)[:, None]  # [B, 1]: a valid token's position is ``seen``
         keep = ~valid[:, None]
         for buf, new in ((self.win_k, k), (self.win_v, v)):
