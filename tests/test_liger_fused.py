@@ -117,6 +117,21 @@ def test_fused_fwd_fp16():
     check_fwd(x, tol=1e-2)
 
 
+def test_fused_mixed_dtypes():
+    """v's dtype is the compute dtype: fp32 q_pre / k_pre / gate_src / q_rope next to fp16 v and k_rope (as models
+    that upcast q/k in their norms produce under autocast); o is fp16, every gradient has its input's dtype."""
+    x, _ = liger_inputs(B=1, HKV=2, G=2, T=70, pads=None)
+    x["v"], x["k_rope"] = x["v"].half(), x["k_rope"].half()
+    o, hT, lse = check_fwd(x, tol=1e-2)
+    assert o.dtype == torch.float16
+    leaves = {n: x[n].clone().requires_grad_() for n in LEAVES}
+    with triton_impls.on_cpu():
+        o, hT, _ = torch.ops.ligerfx.liger_fwd(*({**x, **leaves}[n] for n in ARGS), 0.3, 64, 0.5, 16.0)
+        ((o.float() ** 2).sum() + hT.sum()).backward()
+    for n, t in leaves.items():
+        assert t.grad.dtype == t.dtype and torch.isfinite(t.grad).all(), n
+
+
 def test_fused_padding_writes_nothing():
     """Left padding: valid rows and the final state equal those of the unpadded row."""
     x, _ = liger_inputs(B=2, HKV=1, G=2, T=50, pads=(0, 13))

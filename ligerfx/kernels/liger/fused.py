@@ -45,7 +45,7 @@ import triton.language as tl
 from ..gla import chunk
 from ..gla.chunk import FAST_DECAY, _gla_intra_A_strong
 from ..swa import window as swa_window
-from ..utils import autotune, common_dtype, dot_precision, warps_stages
+from ..utils import autotune, dot_precision, warps_stages
 from . import naive
 
 LOG2E = 1.4426950408889634
@@ -245,8 +245,8 @@ def liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale: float, 
         raise ValueError(f"query heads ({HQ}) must be a multiple of KV heads ({HKV})")
     if q_rope.shape != q_pre.shape or k_rope.shape != k_pre.shape or gate_src.shape != k_pre.shape:
         raise ValueError("q_rope / k_rope / gate_src must have the shapes of q_pre / k_pre / k_pre")
-    out_dtype = v.dtype
-    dt = common_dtype(q_rope, k_rope, v)
+    # v's dtype is the compute dtype (window matmuls, GLA operands, o); q_pre, k_pre, gate_src are read as they are
+    dt = v.dtype
     q_pre, k_pre, gate_src = _rows(q_pre), _rows(k_pre), _rows(gate_src)
     q_rope, k_rope, v = (_rows(x.to(dt)) for x in (q_rope, k_rope, v))
     pos = None if pos is None else pos.to(torch.int64).contiguous()
@@ -257,7 +257,7 @@ def liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale: float, 
     G = HQ // HKV
     GP = _heads_per_program(G, NV * B * HKV, v.device)
 
-    o = torch.empty(B, HQ, T, V, dtype=out_dtype, device=v.device)
+    o = torch.empty(B, HQ, T, V, dtype=dt, device=v.device)
     ht = torch.empty(B, HKV, K, V, dtype=torch.float32, device=v.device)
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=v.device)
     # written only for chunks with strong gates

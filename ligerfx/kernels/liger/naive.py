@@ -20,9 +20,9 @@ The math is ``ligerfx/liger.py``'s (no cache, no sinks)::
                    pos_j >= 0, pos_t >= 0 and 0 <= pos_t - pos_j <= window; ``scale`` the model's
     o            = mix * o_gla + (1 - mix) * o_swa
 
-As in ``liger.py``, the recurrent branch's matmul operands (phi_q, phi_k, v) are in v's dtype (the compute dtype:
-callers cast q_rope, k_rope and v to it; q_pre, k_pre and gate_src may stay in any float dtype), the gate and the
-state in fp32.
+v's dtype is the compute dtype, as ``liger.compute_dtype`` (autocast's, else the model's; callers cast v to it):
+the window branch runs on q_rope, k_rope cast to it, the recurrent branch's matmul operands (phi_q, phi_k, v) are
+in it, the gate and the state are fp32, o has it. q_pre, k_pre and gate_src may have any float dtype.
 
 The backward pass differentiates through the feature maps and the gate by hand (softmax and logsigmoid
 derivatives) around the backward kernels of the two branches, which it takes as arguments (default: the naive
@@ -70,7 +70,7 @@ def liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale: float, 
     phi_q, phi_k, g = features(q_pre, k_pre, gate_src, gate_normalizer)
     o_gla, hT = gla_fwd(*recurrent_inputs(phi_q, phi_k, v, g, padding_mask(pos)), h0)
     p = positions(pos, B, T, q_rope.device)
-    o_swa, lse = swa_fwd(q_rope, k_rope, v, p, p, float(scale), int(window), 0)
+    o_swa, lse = swa_fwd(q_rope.to(v.dtype), k_rope.to(v.dtype), v, p, p, float(scale), int(window), 0)
     o = mix * o_gla + (1.0 - mix) * o_swa.float()
     return o.to(v.dtype), hT, lse
 
@@ -90,9 +90,10 @@ def liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, 
     m = padding_mask(pos)
     dphi_q, dphi_k, dv_gla, dg, dh0 = gla_bwd(*recurrent_inputs(phi_q, phi_k, v, g, m), h0, mix * do.float(), dhT)
     p = positions(pos, B, T, q_rope.device)
-    o_swa, _ = swa_fwd(q_rope, k_rope, v, p, p, float(scale), int(window), 0)
-    do_swa = ((1.0 - mix) * do.float()).to(o_swa.dtype)
-    dq_rope, dk_rope, dv_swa = swa_bwd(q_rope, k_rope, v, p, p, o_swa, lse, do_swa, float(scale), int(window), 0)
+    qr, kr = q_rope.to(v.dtype), k_rope.to(v.dtype)
+    o_swa, _ = swa_fwd(qr, kr, v, p, p, float(scale), int(window), 0)
+    do_swa = ((1.0 - mix) * do.float()).to(v.dtype)
+    dq_rope, dk_rope, dv_swa = swa_bwd(qr, kr, v, p, p, o_swa, lse, do_swa, float(scale), int(window), 0)
     dphi_k, dv_gla, dg = dphi_k.float(), dv_gla.float(), dg.float()
     if m is not None:
         dphi_k, dv_gla, dg = dphi_k * m, dv_gla * m, dg * m
