@@ -228,6 +228,66 @@ def liger_fwd_kernel(q_pre, k_pre, gate, v, q_rope, k_rope, pos, h0, o, ht, lse,
         tl.store(ht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_kv)
 
 
+# ----------------------------------------------------------------------------------------------------- backward
+# The backward pass runs the GLA and window backward kernels on materialised branch inputs; these two row-wise
+# kernels replace the PyTorch passes around them (feature maps and gate in, their derivatives out).
+ROW_IDENTITY, ROW_SOFTMAX, ROW_LOGSIGMOID = 0, 1, 2
+
+
+@triton.jit(do_not_specialize=["T"])
+def liger_bwd_kernel_prep(x, pos, y, s_b, s_h, s_t, T, H, inv_norm, K: tl.constexpr, BT: tl.constexpr,
+                          BK: tl.constexpr, FN: tl.constexpr, MASK: tl.constexpr, HAS_POS: tl.constexpr):
+    """y = fn(x) per row (identity, softmax, logsigmoid * inv_norm), zero on padded rows if MASK; y contiguous."""
+    i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = tl.cast(i_b, tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = (o_t < T)[:, None] & m_k[None, :]
+    b_x = tl.load(x + i_b * s_b + i_h * s_h + (o_t * s_t)[:, None] + o_k[None, :], mask=m_tk, other=0.)
+    if FN == 1:
+        b_y = _softmax_rows(b_x, m_k)
+    elif FN == 2:
+        b_x = b_x.to(tl.float32)
+        b_y = (tl.minimum(b_x, 0.) - tl.log(1. + tl.exp(-tl.abs(b_x)))) * inv_norm
+    else:
+        b_y = b_x
+    if MASK:
+        b_y = tl.where((_positions(pos + i_b * T, o_t, T, HAS_POS) >= 0)[:, None], b_y, 0.)
+    tl.store(y + ((i_b * H + i_h) * T + o_t)[:, None] * K + o_k[None, :], b_y.to(y.dtype.element_ty), mask=m_tk)
+
+
+@triton.jit(do_not_specialize=["T"])
+def liger_bwd_kernel_finish(x, dy, dz, pos, dx, s_b, s_h, s_t, T, H, inv_norm, K: tl.constexpr, BT: tl.constexpr,
+                            BK: tl.constexpr, FN: tl.constexpr, MASK: tl.constexpr, HAS_POS: tl.constexpr,
+                            USE_DZ: tl.constexpr):
+    """dx = fn'(x)^T (dy * mask) [+ dz] per row, for y = fn(x) * mask as in the prep kernel; dy, dz, dx contiguous."""
+    i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = tl.cast(i_b, tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = (o_t < T)[:, None] & m_k[None, :]
+    o_r = ((i_b * H + i_h) * T + o_t)[:, None] * K + o_k[None, :]
+    b_dy = tl.load(dy + o_r, mask=m_tk, other=0.).to(tl.float32)
+    if MASK:
+        b_dy = tl.where((_positions(pos + i_b * T, o_t, T, HAS_POS) >= 0)[:, None], b_dy, 0.)
+    if FN == 0:
+        b_dx = b_dy
+    else:
+        b_x = tl.load(x + i_b * s_b + i_h * s_h + (o_t * s_t)[:, None] + o_k[None, :], mask=m_tk, other=0.)
+        if FN == 1:
+            # softmax: p * (dy - sum(p * dy))
+            b_p = _softmax_rows(b_x, m_k)
+            b_dx = b_p * (b_dy - tl.sum(b_p * b_dy, 1)[:, None])
+        else:
+            # logsigmoid: sigmoid(-x) dy
+            b_dx = b_dy * inv_norm / (1. + tl.exp(b_x.to(tl.float32)))
+    if USE_DZ:
+        b_dx += tl.load(dz + o_r, mask=m_tk, other=0.).to(tl.float32)
+    tl.store(dx + o_r, b_dx.to(dx.dtype.element_ty), mask=m_tk)
+
+
 # ------------------------------------------------------------------------------------------------ host wrappers
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x with a unit stride along its last dim and in-row offsets (t * stride_t) that fit int32; other strides are
@@ -276,9 +336,61 @@ def liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale: float, 
     return o, ht, lse
 
 
+def _row_grid(x, BT):
+    B, H, T, _ = x.shape
+    return (triton.cdiv(T, BT), H, B)
+
+
+def _prep(x, pos, dtype, fn: int, mask: bool, inv_norm: float = 1.0):
+    """fn(x) per row (``ROW_*``), zero on padded rows if ``mask``, contiguous in ``dtype``."""
+    x = _rows(x)
+    B, H, T, K = x.shape
+    y = torch.empty(B, H, T, K, dtype=dtype, device=x.device)
+    BT, BK = 32, max(16, triton.next_power_of_2(K))
+    liger_bwd_kernel_prep[_row_grid(x, BT)](x=x, pos=pos if pos is not None else x, y=y, s_b=x.stride(0),
+                                            s_h=x.stride(1), s_t=x.stride(2), T=T, H=H, inv_norm=inv_norm, K=K,
+                                            BT=BT, BK=BK, FN=fn, MASK=mask and pos is not None,
+                                            HAS_POS=pos is not None)
+    return y
+
+
+def _finish(x, dy, pos, fn: int, mask: bool, inv_norm: float = 1.0, dz=None):
+    """Gradient of ``_prep(x, pos, ., fn, mask, inv_norm)`` given its output's gradient ``dy`` (+ ``dz``), in x's
+    dtype."""
+    x = _rows(x)
+    B, H, T, K = x.shape
+    dx = torch.empty(B, H, T, K, dtype=x.dtype, device=x.device)
+    BT, BK = 32, max(16, triton.next_power_of_2(K))
+    dy = dy.contiguous()
+    liger_bwd_kernel_finish[_row_grid(x, BT)](
+        x=x, dy=dy, dz=dz.contiguous() if dz is not None else dy, pos=pos if pos is not None else dy, dx=dx,
+        s_b=x.stride(0), s_h=x.stride(1), s_t=x.stride(2), T=T, H=H, inv_norm=inv_norm, K=K, BT=BT, BK=BK, FN=fn,
+        MASK=mask and pos is not None, HAS_POS=pos is not None, USE_DZ=dz is not None)
+    return dx
+
+
 def liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, scale: float, window: int,
               mix: float, gate_normalizer: float):
-    """Backward: ``naive.liger_bwd`` around the Triton GLA backward and window kernels."""
-    return naive.liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, scale, window, mix,
-                           gate_normalizer, gla_bwd=chunk.chunk_gla_bwd, swa_fwd=swa_window.swa_fwd,
-                           swa_bwd=swa_window.swa_bwd)
+    """Backward: the math of ``naive.liger_bwd``. Row-wise kernels build the GLA operands (phi_q, phi_k, v in v's
+    dtype, g fp32, padded rows zeroed) and apply the feature-map / gate derivatives; the GLA backward kernels and the
+    window kernels (forward recomputed for its output, saved ``lse``) do the rest."""
+    dt = v.dtype
+    B, _, T, _ = q_rope.shape
+    pos = None if pos is None else pos.to(torch.int64).contiguous()
+    inv_norm = 1.0 / float(gate_normalizer)
+    phi_q = _prep(q_pre, pos, dt, ROW_SOFTMAX, mask=False)
+    phi_k = _prep(k_pre, pos, dt, ROW_SOFTMAX, mask=True)
+    g = _prep(gate_src, pos, torch.float32, ROW_LOGSIGMOID, mask=True, inv_norm=inv_norm)
+    vm = _prep(v, pos, dt, ROW_IDENTITY, mask=True) if pos is not None else v
+    dphi_q, dphi_k, dv_gla, dg, dh0 = chunk.chunk_gla_bwd(phi_q, phi_k, vm, g, h0, mix * do.float(), dhT)
+    del phi_q, phi_k, g
+    p = naive.positions(pos, B, T, v.device)
+    qr, kr = q_rope.to(dt), k_rope.to(dt)
+    o_swa, _ = swa_window.swa_fwd(qr, kr, v, p, p, float(scale), int(window), 0)
+    do_swa = ((1.0 - mix) * do.float()).to(dt)
+    dq_rope, dk_rope, dv_swa = swa_window.swa_bwd(qr, kr, v, p, p, o_swa, lse, do_swa, float(scale), int(window), 0)
+    dq_pre = _finish(q_pre, dphi_q, pos, ROW_SOFTMAX, mask=False)
+    dk_pre = _finish(k_pre, dphi_k, pos, ROW_SOFTMAX, mask=True)
+    dgate = _finish(gate_src, dg, pos, ROW_LOGSIGMOID, mask=True, inv_norm=inv_norm)
+    dv = _finish(v, dv_gla, pos, ROW_IDENTITY, mask=True, dz=dv_swa)
+    return dq_pre, dk_pre, dv, dgate, dq_rope.to(q_rope.dtype), dk_rope.to(k_rope.dtype), dh0
