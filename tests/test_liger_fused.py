@@ -223,3 +223,14 @@ def test_registered_for_cuda_and_on_cpu():
     with triton_impls.on_cpu():
         assert ops._IMPLS["liger_bwd"]["cpu"] is triton_impls.IMPLS["liger_bwd"]
     assert "cpu" not in ops._IMPLS["liger_bwd"]
+
+
+def test_heads_per_program(monkeypatch):
+    monkeypatch.delenv("LIGERFX_LIGER_GP", raising=False)
+    cpu = torch.device("cpu")  # counts as 132 SMs
+    assert fused._heads_per_program(4, 200, cpu) == 4
+    assert fused._heads_per_program(4, 40, cpu) == 1
+    assert fused._heads_per_program(4, 70, cpu) == 2
+    assert fused._heads_per_program(7, 140, cpu) == 7 and fused._heads_per_program(7, 20, cpu) == 1
+    monkeypatch.setenv("LIGERFX_LIGER_GP", "3")
+    assert fused._heads_per_program(4, 1000, cpu) == 2 and fused._heads_per_program(7, 1, cpu) == 1
