@@ -144,34 +144,29 @@ metric_list:
     higher_is_better: true
 """
 
+
+def _mc(text: str, target: str, choice: str) -> str:
+    """Body of a multiple-choice task YAML scored with acc and acc_norm (lm-eval's standard keys)."""
+    return f'doc_to_text: "{text}"\ndoc_to_target: {target}\ndoc_to_choice: {choice}\n' + _MC_ACC
+
+
+_ARC = _mc("Question: {{question}}\\nAnswer:", '"{{choices.label.index(answerKey)}}"', '"{{choices.text}}"')
+
 TASKS: Dict[str, TaskSpec] = {
     "piqa": TaskSpec(
         "piqa", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation",
-        'doc_to_text: "Question: {{goal}}\\nAnswer:"\n'
-        "doc_to_target: label\n"
-        'doc_to_choice: "{{[sol1, sol2]}}"\n' + _MC_ACC,
-        convert_piqa, ("acc", "acc_norm"),
+        _mc("Question: {{goal}}\\nAnswer:", "label", '"{{[sol1, sol2]}}"'), convert_piqa, ("acc", "acc_norm"),
     ),
     "arc_easy": TaskSpec(
-        "arc_easy", ("arc_easy/ARC-Easy-Test.jsonl",), "test",
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
-        'doc_to_target: "{{choices.label.index(answerKey)}}"\n'
-        'doc_to_choice: "{{choices.text}}"\n' + _MC_ACC,
-        convert_arc_easy, ("acc", "acc_norm"),
+        "arc_easy", ("arc_easy/ARC-Easy-Test.jsonl",), "test", _ARC, convert_arc_easy, ("acc", "acc_norm"),
     ),
     "arc_challenge": TaskSpec(
-        "arc_challenge", ("arc_challenge/ARC-Challenge-Test.jsonl",), "test",
-        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
-        'doc_to_target: "{{choices.label.index(answerKey)}}"\n'
-        'doc_to_choice: "{{choices.text}}"\n' + _MC_ACC,
-        convert_arc_challenge, ("acc", "acc_norm"),
+        "arc_challenge", ("arc_challenge/ARC-Challenge-Test.jsonl",), "test", _ARC, convert_arc_challenge,
+        ("acc", "acc_norm"),
     ),
     "hellaswag": TaskSpec(
         "hellaswag", ("hellaswag/hellaswag_val_full.txt.bz2",), "validation",
-        'doc_to_text: "{{query}}"\n'
-        'doc_to_target: "{{label}}"\n'
-        'doc_to_choice: "choices"\n' + _MC_ACC,
-        convert_hellaswag, ("acc", "acc_norm"),
+        _mc("{{query}}", '"{{label}}"', '"choices"'), convert_hellaswag, ("acc", "acc_norm"),
     ),
     "winogrande": TaskSpec(
         "winogrande", ("winogrande/dev.jsonl",), "validation",
