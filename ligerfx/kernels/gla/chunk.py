@@ -173,19 +173,26 @@ def _gla_bwd_intra_strong(b_dq, b_dk, b_dA, b_q, b_k, b_gc, p_q, p_k, p_gc, i_t,
 
 
 # ------------------------------------------------------------------------------------------------------ forward
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT"],
-          default=_default("local"))
-@triton.jit(do_not_specialize=["T"])
-def gla_fwd_kernel_local(k, v, g, gc, hl, T, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """L_n = (k exp(c_last - c))^T v for one chunk (fp32), and the in-chunk cumulative gate c (stored by i_v == 0)."""
+@triton.jit
+def _chunk_tile(T, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The tile of a program on the (chunks x B·H, K blocks, V blocks) grid: chunk count, (b·h, chunk) index, V block,
+    token / key / value offsets and their bounds masks."""
     i_tb, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NT = tl.cdiv(T, BT)
     i_bh, i_t = tl.cast(i_tb // NT, tl.int64), tl.cast(i_tb % NT, tl.int64)
     o_t = i_t * BT + tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_t, m_k, m_v = o_t < T, o_k < K, o_v < V
+    return NT, i_bh, i_t, i_v, o_t, o_k, o_v, o_t < T, o_k < K, o_v < V
+
+
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BK", "BV", "BT"],
+          default=_default("local"))
+@triton.jit(do_not_specialize=["T"])
+def gla_fwd_kernel_local(k, v, g, gc, hl, T, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """L_n = (k exp(c_last - c))^T v for one chunk (fp32), and the in-chunk cumulative gate c (stored by i_v == 0)."""
+    NT, i_bh, i_t, i_v, o_t, o_k, o_v, m_t, m_k, m_v = _chunk_tile(T, K, V, BT, BK, BV)
     m_tk = m_t[:, None] & m_k[None, :]
 
     # padded rows have g = 0: their cumulative gate repeats the last valid row's
@@ -307,13 +314,7 @@ def gla_fwd_kernel_o(q, k, v, gc, h, o, T, G: tl.constexpr, K: tl.constexpr, V: 
 def gla_bwd_kernel_dlocal(q, gc, do, dl, T, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """dL_n = sum_heads (q exp(c))^T do for one chunk: what the chunk's outputs send back to its start state."""
-    i_tb, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NT = tl.cdiv(T, BT)
-    i_bh, i_t = tl.cast(i_tb // NT, tl.int64), tl.cast(i_tb % NT, tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_t, m_k, m_v = o_t < T, o_k < K, o_v < V
+    NT, i_bh, i_t, i_v, o_t, o_k, o_v, m_t, m_k, m_v = _chunk_tile(T, K, V, BT, BK, BV)
     b_gc = tl.load(gc + i_bh * T * K + tl.minimum(o_t, T - 1)[:, None] * K + o_k[None, :], mask=m_k[None, :],
                    other=0.)
     b_g = tl.exp(b_gc)
