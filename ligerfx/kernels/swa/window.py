@@ -90,20 +90,22 @@ def _swa_fwd_inner(b_acc, b_l, b_m, b_q, b_qp, p_k, p_v, p_kpos, i_n0, i_n1, TK,
     return b_acc, b_l, b_m
 
 
+@triton.jit
+def _query_tile(TQ, HQ, G: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The query block of a program on the (query blocks, B·HQ) grid: block / (b, hq) / batch / KV-head indices, the
+    number of query blocks, query offsets and mask, and the K / V column offsets."""
+    i_m, i_bh = tl.cast(tl.program_id(0), tl.int64), tl.cast(tl.program_id(1), tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)
+    return i_m, i_bh, i_bh // HQ, i_bh // G, tl.cdiv(TQ, BM), o_m, o_m < TQ, tl.arange(0, BK), tl.arange(0, BV)
+
+
 @autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BM", "BN", "G"],
           default=_default("fwd"))
 @triton.jit(do_not_specialize=["TQ", "TK", "window", "sinks"])
 def swa_fwd_kernel(q, k, v, q_pos, k_pos, rng, o, lse, qk_scale, window, sinks, TQ, TK, HQ, G: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, PREC: tl.constexpr):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_m, i_bh = tl.cast(i_m, tl.int64), tl.cast(i_bh, tl.int64)
-    i_b, i_bhk = i_bh // HQ, i_bh // G
-    NQB = tl.cdiv(TQ, BM)
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < TQ
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
+    i_m, i_bh, i_b, i_bhk, NQB, o_m, m_m, o_k, o_v = _query_tile(TQ, HQ, G, BM, BK, BV)
 
     b_q = tl.load(q + i_bh * TQ * K + o_m[:, None] * K + o_k[None, :], mask=m_m[:, None] & (o_k < K)[None, :],
                   other=0.)
@@ -170,14 +172,7 @@ def _swa_dq_inner(b_dq, b_q, b_do, b_qp, b_lse, b_delta, p_k, p_v, p_kpos, i_n0,
 def swa_bwd_kernel_dq(q, k, v, q_pos, k_pos, rng, lse, delta, do, dq, scale, qk_scale, window, sinks, TQ, TK, HQ,
                       G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_m, i_bh = tl.cast(i_m, tl.int64), tl.cast(i_bh, tl.int64)
-    i_b, i_bhk = i_bh // HQ, i_bh // G
-    NQB = tl.cdiv(TQ, BM)
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < TQ
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
+    i_m, i_bh, i_b, i_bhk, NQB, o_m, m_m, o_k, o_v = _query_tile(TQ, HQ, G, BM, BK, BV)
     m_mk = m_m[:, None] & (o_k < K)[None, :]
 
     b_q = tl.load(q + i_bh * TQ * K + o_m[:, None] * K + o_k[None, :], mask=m_mk, other=0.)
