@@ -43,7 +43,7 @@ def gla_fwd_recurrent(q, k, v, g, h0=None):
     return o.view(B, HQ, T, V), S
 
 
-def _chunk(q, k, v, g, C):
+def _chunk(q, k, v, g, C, decay: bool = True):
     """Pad T to a multiple of C (zero gate = no decay, zero k/v = no write) and fold time into [N, C]."""
     B, HQ, HKV, G, T, K, V = _split(q, k, v, g)
     pad = (-T) % C
@@ -54,10 +54,15 @@ def _chunk(q, k, v, g, C):
     k = k.float().reshape(B, HKV, N, C, K)
     v = v.float().reshape(B, HKV, N, C, V)
     c = g.float().reshape(B, HKV, N, C, K).cumsum(-2)  # in-chunk cumulative log gate
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # E[i, j, d] = exp(c_i - c_j) for j <= i, else 0
-    E = (c[..., :, None, :] - c[..., None, :, :]).masked_fill(~causal[..., None], float("-inf")).exp()
-    return q, k, v, c, E, (B, HQ, HKV, G, T, K, V, N, C)
+    dims = (B, HQ, HKV, G, T, K, V, N, C)
+    return (q, k, v, c, _decay(c), dims) if decay else (q, k, v, c, dims)
+
+
+def _decay(c):
+    """E[..., i, j, d] = exp(c_i - c_j) for j <= i, else 0 (c: [..., C, K] in-chunk cumulative log gates)."""
+    C = c.shape[-2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=c.device).tril()
+    return (c[..., :, None, :] - c[..., None, :, :]).masked_fill(~causal[..., None], float("-inf")).exp()
 
 
 def _chunk_states(k, v, c, h0, dims):
@@ -72,13 +77,22 @@ def _chunk_states(k, v, c, h0, dims):
     return torch.stack(starts, 2), S, kd  # [B, HKV, N, K, V]
 
 
-def gla_fwd_chunked(q, k, v, g, h0=None, chunk_size: int = CHUNK):
-    """Chunked form. Returns ``(o [B,HQ,T,V] fp32, hT [B,HKV,K,V] fp32)``."""
-    q, k, v, c, E, dims = _chunk(q, k, v, g, chunk_size)
+def gla_fwd_chunked(q, k, v, g, h0=None, chunk_size: int = CHUNK, max_bytes: int = 1 << 28):
+    """Chunked form. Returns ``(o [B,HQ,T,V] fp32, hT [B,HKV,K,V] fp32)``.
+
+    The decay tensor ``E`` is ``[B, HKV, N, C, C, K]``; it is built for a slice of chunks at a time so that it stays
+    under ``max_bytes`` (a batch of long prompts on CPU would otherwise need several GB per layer)."""
+    q, k, v, c, dims = _chunk(q, k, v, g, chunk_size, decay=False)
     B, HQ, HKV, G, T, K, V, N, C = dims
-    A = torch.einsum("bhgnid,bhnijd,bhnjd->bhgnij", q, E, k)
     starts, hT, _ = _chunk_states(k, v, c, h0, dims)
-    o = A @ v[:, :, None] + torch.einsum("bhgnid,bhndv->bhgniv", q * c[:, :, None].exp(), starts)
+    step = max(1, max_bytes // max(1, B * HKV * C * C * K * 4))
+    o = torch.empty(B, HKV, G, N, C, V, dtype=torch.float32, device=q.device)
+    for n0 in range(0, N, step):
+        n = slice(n0, min(N, n0 + step))
+        Ek = _decay(c[:, :, n]) * k[:, :, n, None]  # [B, HKV, n, C(i), C(j), K]
+        A = torch.einsum("bhgnid,bhnijd->bhgnij", q[:, :, :, n], Ek)
+        o[:, :, :, n] = A @ v[:, :, None, n] + torch.einsum(
+            "bhgnid,bhndv->bhgniv", q[:, :, :, n] * c[:, :, None, n].exp(), starts[:, :, n])
     return o.reshape(B, HQ, N * C, V)[:, :, :T], hT
 
 
