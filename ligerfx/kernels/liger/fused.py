@@ -1,4 +1,4 @@
-"""Liger attention forward in one Triton kernel: feature maps, gate, GLA, sliding window and mix, fused.
+"""Liger attention forward, chunk-parallel: feature maps, gate, GLA, sliding window and mix in two Triton phases.
 
 Same contract as ``naive.liger_fwd`` / ``naive.liger_bwd`` (see there for shapes)::
 
@@ -6,29 +6,45 @@ Same contract as ``naive.liger_fwd`` / ``naive.liger_bwd`` (see there for shapes
         -> o [B, HQ, T, V] (v's dtype), hT [B, HKV, K, V] fp32, lse [B, HQ, T] fp32
     liger_bwd(...)  -> naive.liger_bwd with the Triton GLA and window kernels
 
-One program per (V block, batch, KV head, group of GP query heads) walks the sequence in chunks of ``BT`` tokens
-with its [K, BV] slice of the GLA state in fp32 registers. Per chunk it reads k_pre, gate_src and v once, derives
-``phi_k = softmax(k_pre)`` and ``g = logsigmoid(gate_src) / gate_normalizer`` in fp32, then for each of its query
-heads reads q_pre and q_rope once and computes::
+Time is cut into chunks of ``BT`` tokens. Per chunk, with ``phi_k = softmax(k_pre)``, ``g = logsigmoid(gate_src) /
+gate_normalizer`` (fp32, derived in-kernel; padded tokens have phi_k = v = g = 0), ``c`` the in-chunk cumulative
+log gate and ``h_n`` the state entering chunk n (per KV head, fp32)::
 
-    o_gla = (phi_q exp(c)) h + A v,   A_ij = sum_d phi_q,id phi_k,jd exp(c_id - c_jd) (j <= i in the chunk)
-    o_swa = online softmax over the keys (k_rope, v) of this chunk and the ceil(window / BT) chunks before it;
-            positions decide visibility (0 <= pos_t - pos_j <= window, pos >= 0); lse stored for the backward
-    o     = mix * o_gla + (1 - mix) * o_swa                      written once, in v's dtype
+    phase 1  L_n     = (phi_k exp(c_last - c))^T v,  d_n = c_last        liger_fwd_kernel_local   (B, HKV, chunk)
+             h_{n+1} = diag(exp(d_n)) h_n + L_n                           gla/chunk.py's scan       element-wise
+    phase 2  o_gla   = (phi_q exp(c)) h_n + A v,  A_ij = sum_d phi_q,id phi_k,jd exp(c_id - c_jd)  (j <= i)
+             o_swa   = softmax over the keys (k_rope, v) of this chunk and the ceil(window / BT) chunks before it;
+                       positions decide visibility (0 <= pos_t - pos_j <= window, pos >= 0); lse stored
+             o       = mix * o_gla + (1 - mix) * o_swa (fp32), written once in v's dtype
+                                                                          liger_fwd_kernel_o  (V block x heads, chunk, B x HKV)
 
-and finally ``h <- diag(exp(c_last)) h + (phi_k exp(c_last - c))^T v``. ``c`` is the in-chunk cumulative log gate;
-padded tokens (pos < 0) have phi_k = v = g = 0. Dots take v's dtype (bf16 tensor cores for 16-bit inputs, fp32 ieee
-for fp32), accumulate in fp32.
+Phase 1 writes the chunk summaries L_n in place of the states (the scan reads every element before it overwrites
+it) and the chunk decays ``d_n`` [B, HKV, NT, K]; the scan is ``gla_kernel_scan`` run over the NT chunk summaries
+(its "gate" is ``d`` with one row per chunk). Phase 2 programs are independent: every chunk of every head runs in
+parallel, each reading its chunk's inputs once (plus the previous chunks' k_rope / v / positions for the window).
 
 Intra-chunk scores take one dot through the chunk start when the chunk's total log decay stays above
-``-FAST_DECAY`` in every key dim (every realistic Liger gate). Other chunks take the sub-chunk path of
-``gla/chunk.py`` (every exponent <= 0, any gate strength), which reads phi_k and c back from a per-program scratch
-buffer that only such chunks write.
+``-FAST_DECAY`` in every key dim (every realistic Liger gate); other chunks take the sub-chunk path of
+``gla/chunk.py`` (every exponent <= 0, any gate strength) with phi_k and c kept in registers. The two paths are two
+compilations of the phase-2 kernel (``STRONG``), both launched; a program whose chunk belongs to the other path
+leaves after reading d_n (no host sync decides). Dot operands: bf16 for bf16 inputs (tensor cores, fp32
+accumulation), fp32 otherwise (fp16: ``exp(-c)`` up to ``exp(FAST_DECAY)`` overflows fp16; fp32: ieee).
 
-Parallelism: the state is sequential in time, so the grid is only (V blocks) x (query-head groups) x B x HKV.
-Splitting V keeps the state in registers for large head dims (each V block recomputes the feature maps, scores and
-window softmax; the first one stores ``lse``). GP < HQ/HKV gives small batches more programs, each recomputing the
-shared state (``_heads_per_program``); GP = HQ/HKV is the one-state-per-KV-head layout.
+HBM traffic per token (bytes; s = input element size, K, V head dims, G = HQ / HKV, C = BT, NV = V blocks of
+phase 2; state elements fp32). Per KV head::
+
+    phase 1 local   read k_pre, gate_src, v         s(2K + V)        (k_pre, gate_src once per local V block, L2)
+                    write L_n, d_n                  4KV/C + 4K/C
+    phase 1 scan    read L_n, d_n; write h_n        8KV/C + 4K/C
+    phase 2         read k_pre, gate_src, v, k_rope s(3K + V)        (once per V block and head group, L2 after
+                    read h_n                        4KV/C             the first; previous chunks' k_rope, v: L2)
+                    read d_n                        4K/C
+    per query head  read q_pre, q_rope, write o     s(2K + V)        + 4 (lse)
+
+At K = V = 128, C = 64, bf16, G = 1: phase 1 768 + 1,032 (local) + 2,056 (scan), phase 2 1,024 + 1,032 + 772:
+about 6.7 KB per token-head against 1.8 KB for the inputs and outputs alone; fp32 states are 4 of the 6.7 KB
+(bf16 states in phase 2 would save 512 B, fusing the scan into the local kernel 2 KB). D = 64: 3.3 KB (with C = 64);
+D = 256 (C = 32): 2s(3K+V)... see ``traffic_bytes``.
 
 Assumption of the window branch: every key a query sees lies at most ``window`` token indices before it, which holds
 when padding sits only at the ends of each row (left- or right-padded batches, no padding). Rows with padding in
@@ -43,34 +59,38 @@ import triton
 import triton.language as tl
 
 from ..gla import chunk
-from ..gla.chunk import FAST_DECAY, _gla_intra_A_strong
+from ..gla.chunk import FAST_DECAY
 from ..swa import window as swa_window
-from ..utils import autotune, dot_precision, warps_stages
+from ..utils import autotune, dot_precision, interpreting, warps_stages
 from . import naive
 
 LOG2E = 1.4426950408889634
 BC = chunk.BC
 
-# head dim -> (BT, BV cap, num_warps, num_stages): chunk length, V block per program and launch config (the launch
-# config unless LIGERFX_AUTOTUNE=1). Picked offline (triton 3.9, sm_90a, bf16, ptxas -v) as the largest tiles with
-# at most 48 bytes of register spills for 1 to 4 query heads per program (one program takes all 255 registers of
-# 8 warps: one program per SM). Tuning override, e.g. LIGERFX_LIGER_BLOCKS="128=16,128,8,1;256=16,64,8,1".
-BLOCKS = {64: (32, 64, 8, 1), 128: (16, 64, 8, 1), 256: (16, 32, 8, 1)}
+# head dim -> (BT, BV cap, num_warps, num_stages) of the phase-2 kernel and (BV cap, num_warps, num_stages) of the
+# local kernel (the launch configs unless LIGERFX_AUTOTUNE=1). Picked offline (triton 3.9, sm_90a, bf16, ptxas -v,
+# benchmarks/liger_fused_spills.py) as the largest tiles without register spills; not yet timed on a card.
+# Tuning override, e.g. LIGERFX_LIGER_BLOCKS="128=64,64,8,2;256=32,32,8,1".
+BLOCKS = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 64, 8, 1)}
+LOCAL_BLOCKS = {64: (64, 4, 2), 128: (64, 8, 2), 256: (32, 8, 2)}
 for _item in filter(None, os.environ.get("LIGERFX_LIGER_BLOCKS", "").split(";")):
     _name, _vals = _item.split("=")
     BLOCKS[int(_name)] = tuple(int(x) for x in _vals.split(","))
 
 
+def _dim(K: int, V: int) -> int:
+    return min(256, max(64, triton.next_power_of_2(max(K, V))))
+
+
 def _blocks(K: int, V: int, T: int):
-    BT, BV, warps, stages = BLOCKS[min(256, max(64, triton.next_power_of_2(max(K, V))))]
+    BT, BV, warps, stages = BLOCKS[_dim(K, V)]
     return min(BT, max(BC, triton.next_power_of_2(T))), min(BV, max(16, triton.next_power_of_2(V))), warps, stages
 
 
 def _heads_per_program(G: int, programs_per_group: int, device: torch.device) -> int:
-    """Query heads per program: the largest divisor GP of G that still gives every SM a program
-    (``G / GP * programs_per_group >= SMs``), else 1. Programs that share a KV head each recompute its state: more
-    parallelism for small batches, at the price of re-reading (mostly from L2) and re-deriving the key side.
-    ``LIGERFX_LIGER_GP=n`` caps GP at n instead."""
+    """Query heads per phase-2 program: the largest divisor GP of G that still gives every SM a program
+    (``G / GP * programs_per_group >= SMs``), else 1. The heads of a program share the key side (phi_k, gate, the
+    scores' key factor, h_n, v) of their KV head. ``LIGERFX_LIGER_GP=n`` caps GP at n instead."""
     divisors = [d for d in range(G, 0, -1) if G % d == 0]
     env = os.environ.get("LIGERFX_LIGER_GP")
     if env:
@@ -79,9 +99,26 @@ def _heads_per_program(G: int, programs_per_group: int, device: torch.device) ->
     return next((d for d in divisors if G // d * programs_per_group >= sms), 1)
 
 
-def _default(kw):
-    _, _, warps, stages = _blocks(kw["K"], kw["V"], 1 << 20)
-    return triton.Config({}, num_warps=warps, num_stages=stages)
+def traffic_bytes(B: int, HQ: int, HKV: int, T: int, K: int, V: int, s: int = 2) -> dict:
+    """Model of the forward's HBM bytes per phase (every tile read once from HBM; re-reads by other V blocks, heads
+    of the same program group and the window's previous chunks counted as L2 hits)."""
+    BT = _blocks(K, V, T)[0]
+    NT = triton.cdiv(T, BT)
+    kv, q = B * HKV * T, B * HQ * T
+    state = B * HKV * NT * K * V * 4
+    dec = B * HKV * NT * K * 4
+    return {"local": kv * s * (2 * K + V) + state + dec, "scan": 2 * state + dec,
+            "output": kv * s * (3 * K + V) + state + dec + q * (s * (2 * K + V) + 4)}
+
+
+def _default(name: str):
+    def pick(kw):
+        if name == "local":
+            _, warps, stages = LOCAL_BLOCKS[_dim(kw["K"], kw["V"])]
+        else:
+            _, _, warps, stages = _blocks(kw["K"], kw["V"], 1 << 20)
+        return triton.Config({}, num_warps=warps, num_stages=stages)
+    return pick
 
 
 @triton.jit
@@ -94,138 +131,197 @@ def _softmax_rows(b_x, m_k):
 
 @triton.jit
 def _positions(p_pos, o_t, T, HAS_POS: tl.constexpr):
-    """Positions of rows o_t (-1 past T or for padding)."""
+    """Positions of rows o_t (-1 outside [0, T) or for padding)."""
+    m_t = (o_t >= 0) & (o_t < T)
     if HAS_POS:
-        b_p = tl.load(p_pos + o_t, mask=o_t < T, other=-1).to(tl.int32)
+        b_p = tl.load(p_pos + o_t, mask=m_t, other=-1).to(tl.int32)
     else:
-        b_p = tl.where(o_t < T, o_t, -1)
+        b_p = tl.where(m_t, o_t, -1).to(tl.int32)
     return b_p
 
 
-@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BT", "BK", "BV", "GP"],
-          default=_default)
-@triton.jit(do_not_specialize=["T", "window"])
-def liger_fwd_kernel(q_pre, k_pre, gate, v, q_rope, k_rope, pos, h0, o, ht, lse, sk, sc,
-                     s_qp_b, s_qp_h, s_qp_t, s_kp_b, s_kp_h, s_kp_t, s_g_b, s_g_h, s_g_t, s_v_b, s_v_h, s_v_t,
-                     s_qr_b, s_qr_h, s_qr_t, s_kr_b, s_kr_h, s_kr_t,
-                     T, HKV, NW, window, qk_scale, mix, inv_norm, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr,
-                     V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     HAS_POS: tl.constexpr, USE_H0: tl.constexpr, PREC: tl.constexpr):
-    i_v, i_gp, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_bh = tl.cast(i_bh, tl.int64)
-    i_b, i_h = i_bh // HKV, i_bh % HKV
-    # dot operand dtype: v's (bf16 tensor cores for 16-bit inputs; fp32 ieee for fp32)
-    DT = v.dtype.element_ty
-    NT = tl.cdiv(T, BT)
+@triton.jit
+def _key_side(p_kp, p_g, o_t, m_t, m_val, o_k, m_k, s_kp_t, s_g_t, inv_norm):
+    """phi_k (zero on padded rows) and the in-chunk cumulative log gate c (padded rows: g = 0), fp32 [BT, BK]."""
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_k = _softmax_rows(tl.load(p_kp + (o_t * s_kp_t)[:, None] + o_k[None, :], mask=m_tk, other=0.), m_k)
+    b_k = tl.where(m_val[:, None], b_k, 0.)
+    # logsigmoid(x) = min(x, 0) - log(1 + exp(-|x|))
+    b_g = tl.load(p_g + (o_t * s_g_t)[:, None] + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
+    b_g = tl.where(m_val[:, None] & m_k[None, :], (tl.minimum(b_g, 0.) - tl.log(1. + tl.exp(-tl.abs(b_g)))) * inv_norm,
+                   0.)
+    return b_k, tl.cumsum(b_g, 0)
+
+
+@triton.jit
+def _row_of_subchunk(b_x, i_c, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """[BT, BK]: row i is b_x's row (i // BC) * BC + i_c (the i_c-th row of i's sub-chunk), from registers."""
+    b_x3 = tl.reshape(b_x, (BT // BC, BC, BK))
+    b_r = tl.sum(tl.where((tl.arange(0, BC) == i_c)[None, :, None], b_x3, 0.), 1)
+    return tl.reshape(tl.broadcast_to(b_r[:, None, :], (BT // BC, BC, BK)), (BT, BK))
+
+
+@triton.jit
+def _intra_A_strong(b_q, b_k, b_c, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """A[i, j] = sum_d q_id k_jd exp(c_id - c_jd), j <= i, every exponent <= 0 (fp32; q, k, c [BT, BK] fp32)."""
     o_i = tl.arange(0, BT)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_c in range(1, BT // BC):
+        # query sub-chunk i_c against the earlier rows, factorised through its first row
+        b_gr = tl.sum(tl.where((o_i == i_c * BC)[:, None], b_c, 0.), 0)
+        b_qr = b_q * tl.exp(tl.minimum(b_c - b_gr[None, :], 0.))
+        b_kr = b_k * tl.exp(tl.minimum(b_gr[None, :] - b_c, 0.))
+        m_r = ((o_i // BC) == i_c)[:, None] & (o_i < i_c * BC)[None, :]
+        b_A += tl.where(m_r, tl.dot(b_qr, tl.trans(b_kr), input_precision=PREC), 0.)
+    for i_c in range(BC):
+        # diagonal sub-chunks, element-wise: key row j = (first row of i's sub-chunk) + i_c for every query row i
+        b_kj = _row_of_subchunk(b_k, i_c, BT, BC, BK)
+        b_gj = _row_of_subchunk(b_c, i_c, BT, BC, BK)
+        b_a = tl.sum(b_q * b_kj * tl.exp(tl.minimum(b_c - b_gj, 0.)), 1)
+        o_j = (o_i // BC) * BC + i_c
+        m_j = (o_i[None, :] == o_j[:, None]) & ((o_i % BC) >= i_c)[:, None]
+        b_A += tl.where(m_j, b_a[:, None], 0.)
+    return b_A
+
+
+# ------------------------------------------------------------------------------------------------------ phase 1
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BT", "BK", "BV"],
+          default=_default("local"))
+@triton.jit(do_not_specialize=["T"])
+def liger_fwd_kernel_local(k_pre, gate, v, pos, hl, dec, s_kp_b, s_kp_h, s_kp_t, s_g_b, s_g_h, s_g_t, s_v_b, s_v_h,
+                           s_v_t, T, HKV, inv_norm, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, HAS_POS: tl.constexpr, PREC: tl.constexpr):
+    """Chunk summary L_n = (phi_k exp(c_last - c))^T v (fp32) and chunk decay d_n = c_last (stored by i_v == 0)."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_bh = tl.cast(i_t, tl.int64), tl.cast(i_bh, tl.int64)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    NT = tl.cdiv(T, BT)
+    DT = v.dtype.element_ty
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_kp = k_pre + i_b * s_kp_b + i_h * s_kp_h
-    p_g = gate + i_b * s_g_b + i_h * s_g_h
+    m_val = _positions(pos + i_b * T, o_t, T, HAS_POS) >= 0
+
+    b_k, b_c = _key_side(k_pre + i_b * s_kp_b + i_h * s_kp_h, gate + i_b * s_g_b + i_h * s_g_h, o_t, m_t, m_val,
+                         o_k, m_k, s_kp_t, s_g_t, inv_norm)
+    # the cumsum's own last row (rows past T add 0), so every exponent below is <= 0
+    b_cl = tl.sum(tl.where((o_i == BT - 1)[:, None], b_c, 0.), 0)
+    b_kd = (b_k * tl.exp(tl.minimum(b_cl[None, :] - b_c, 0.))).to(DT)
+    b_v = tl.load(v + i_b * s_v_b + i_h * s_v_h + (o_t * s_v_t)[:, None] + o_v[None, :],
+                  mask=m_val[:, None] & m_v[None, :], other=0.)
+    b_l = tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
+    p_n = i_bh * NT + i_t
+    tl.store(hl + p_n * K * V + o_k[:, None] * V + o_v[None, :], b_l, mask=m_k[:, None] & m_v[None, :])
+    if i_v == 0:
+        tl.store(dec + p_n * K + o_k, b_cl, mask=m_k)
+
+
+# ------------------------------------------------------------------------------------------------------ phase 2
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2)), key=["K", "V", "BT", "BK", "BV", "GP", "STRONG"],
+          default=_default("o"))
+@triton.jit(do_not_specialize=["T", "window"])
+def liger_fwd_kernel_o(q_pre, k_pre, gate, v, q_rope, k_rope, pos, h, dec, o, lse,
+                       s_qp_b, s_qp_h, s_qp_t, s_kp_b, s_kp_h, s_kp_t, s_g_b, s_g_h, s_g_t, s_v_b, s_v_h, s_v_t,
+                       s_qr_b, s_qr_h, s_qr_t, s_kr_b, s_kr_h, s_kr_t,
+                       T, HKV, window, qk_scale, mix, inv_norm, NW: tl.constexpr, G: tl.constexpr,
+                       GP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, HAS_POS: tl.constexpr, GLA_F32: tl.constexpr,
+                       PREC: tl.constexpr, STRONG: tl.constexpr):
+    i_vg, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_bh = tl.cast(i_t, tl.int64), tl.cast(i_bh, tl.int64)
+    NV = tl.cdiv(V, BV)
+    i_v, i_gp = i_vg % NV, i_vg // NV
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    NT = tl.cdiv(T, BT)
+    p_n = i_bh * NT + i_t
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    # the chunk's total log decay decides the path (the same answer in both launches)
+    b_d = tl.load(dec + p_n * K + o_k, mask=m_k, other=0.)
+    if (tl.min(b_d, 0) > -FAST_DECAY) == STRONG:
+        return
+    # dot operands of the recurrent branch: v's dtype for bf16 (tensor cores), fp32 otherwise; window: v's dtype
+    DT = v.dtype.element_ty
+    if GLA_F32:
+        DG = tl.float32
+    else:
+        DG = DT
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+    m_tk = m_t[:, None] & m_k[None, :]
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_pos = pos + i_b * T
     p_v = v + i_b * s_v_b + i_h * s_v_h
     p_kr = k_rope + i_b * s_kr_b + i_h * s_kr_h
-    p_pos = pos + i_b * T
-    # this program's scratch for phi_k and c of strong-gate chunks, [BT, BK] each
-    i_p = (i_bh * tl.num_programs(1) + i_gp) * tl.num_programs(0) + i_v
-    p_sk = sk + i_p * BT * BK
-    p_sc = sc + i_p * BT * BK
+    b_pt = _positions(p_pos, o_t, T, HAS_POS)
+    m_val = b_pt >= 0
 
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.).to(tl.float32)
-    for i_t in range(NT):
-        o_t = i_t * BT + o_i
-        m_t = o_t < T
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_pt = _positions(p_pos, o_t, T, HAS_POS)
-        m_val = b_pt >= 0
+    b_k, b_c = _key_side(k_pre + i_b * s_kp_b + i_h * s_kp_h, gate + i_b * s_g_b + i_h * s_g_h, o_t, m_t, m_val,
+                         o_k, m_k, s_kp_t, s_g_t, inv_norm)
+    b_ec = tl.exp(b_c)
+    if not STRONG:
+        # exp(-c) <= exp(FAST_DECAY) on this path
+        b_kg = (b_k * tl.exp(tl.minimum(-b_c, FAST_DECAY))).to(DG)
+    b_h = tl.load(h + p_n * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                  other=0.).to(DG)
+    b_v = tl.load(p_v + (o_t * s_v_t)[:, None] + o_v[None, :], mask=m_val[:, None] & m_v[None, :], other=0.)
 
-        # key side, shared by the query heads: phi_k, log gate (logsigmoid(x) = min(x, 0) - log(1 + exp(-|x|))),
-        # in-chunk cumulative gate c; padded rows write nothing (phi_k = v = 0) and decay nothing (g = 0)
-        b_k = _softmax_rows(tl.load(p_kp + (o_t * s_kp_t)[:, None] + o_k[None, :], mask=m_tk, other=0.), m_k)
-        b_k = tl.where(m_val[:, None], b_k, 0.)
-        b_g = tl.load(p_g + (o_t * s_g_t)[:, None] + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
-        b_g = tl.where(m_val[:, None] & m_k[None, :],
-                       (tl.minimum(b_g, 0.) - tl.log(1. + tl.exp(-tl.abs(b_g)))) * inv_norm, 0.)
-        b_c = tl.cumsum(b_g, 0)
-        b_cl = tl.sum(b_g, 0)
-        fast = tl.min(b_cl, 0) > -FAST_DECAY
-        if not fast:
-            tl.debug_barrier()
-            tl.store(p_sk + o_i[:, None] * BK + o_k[None, :], b_k)
-            tl.store(p_sc + o_i[:, None] * BK + o_k[None, :], b_c)
-            tl.debug_barrier()
-        # the tiles live over the heads; exp(-c) <= exp(FAST_DECAY) on the fast path
-        b_kg = (b_k * tl.exp(tl.minimum(-b_c, FAST_DECAY))).to(DT)
-        b_ec = tl.exp(b_c).to(DT)
-        b_hd = b_h.to(DT)
-        b_v = tl.load(p_v + (o_t * s_v_t)[:, None] + o_v[None, :], mask=m_val[:, None] & m_v[None, :], other=0.)
+    for i_g in range(GP):
+        i_hq = i_h * G + i_gp * GP + i_g
+        p_o = o + (i_b * HKV * G + i_hq) * T * V
+        # recurrent branch: inter-chunk (state entering the chunk) + intra-chunk
+        b_q = _softmax_rows(tl.load(q_pre + i_b * s_qp_b + i_hq * s_qp_h + (o_t * s_qp_t)[:, None] + o_k[None, :],
+                                    mask=m_tk, other=0.), m_k)
+        b_qg = (b_q * b_ec).to(DG)
+        b_o = tl.dot(b_qg, b_h, input_precision=PREC)
+        if STRONG:
+            b_A = _intra_A_strong(b_q, b_k, b_c, BT=BT, BC=BC, BK=BK, PREC=PREC)
+        else:
+            b_A = tl.where(o_i[:, None] >= o_i[None, :], tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC), 0.)
+        b_o += tl.dot(b_A.to(DG), b_v.to(DG), input_precision=PREC)
 
-        for i_g in range(GP):
-            i_hq = i_h * G + i_gp * GP + i_g
-            # per-head base pointers first: the [BT, *] offsets are then computed in the loop, not kept live
-            p_q = q_pre + i_b * s_qp_b + i_hq * s_qp_h
-            p_qr = q_rope + i_b * s_qr_b + i_hq * s_qr_h
-            p_o = o + (i_b * HKV * G + i_hq) * T * V
-            # recurrent branch: inter-chunk (state) + intra-chunk
-            b_q = _softmax_rows(tl.load(p_q + (o_t * s_qp_t)[:, None] + o_k[None, :], mask=m_tk, other=0.), m_k)
-            b_qg = (b_q * b_ec).to(DT)
-            b_o = tl.dot(b_qg, b_hd, input_precision=PREC)
-            if fast:
-                b_A = tl.where(o_i[:, None] >= o_i[None, :], tl.dot(b_qg, tl.trans(b_kg), input_precision=PREC), 0.)
+        # window branch: online softmax over this chunk and the NW chunks before it (log2 units)
+        b_qr = tl.load(q_rope + i_b * s_qr_b + i_hq * s_qr_h + (o_t * s_qr_t)[:, None] + o_k[None, :], mask=m_tk,
+                       other=0.)
+        b_acc = tl.zeros([BT, BV], dtype=tl.float32)
+        b_l = tl.zeros([BT], dtype=tl.float32)
+        b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
+        for i_w in tl.static_range(NW + 1):
+            o_n = (i_t - NW + i_w) * BT + o_i
+            m_n = (o_n >= 0) & (o_n < T)
+            b_pn = _positions(p_pos, o_n, T, HAS_POS)
+            b_kr = tl.load(p_kr + (o_n * s_kr_t)[:, None] + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
+                           other=0.)
+            b_s = tl.dot(b_qr, tl.trans(b_kr), input_precision=PREC) * qk_scale
+            b_dp = b_pt[:, None] - b_pn[None, :]
+            m_vis = m_val[:, None] & (b_pn >= 0)[None, :] & (b_dp >= 0) & (b_dp <= window)
+            b_s = tl.where(m_vis, b_s, float("-inf"))
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+            # rows that have seen no key yet keep m = -inf; shift them by 0 so that exp2 gives 0, not NaN
+            b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
+            b_p = tl.exp2(b_s - b_ms[:, None])
+            b_alpha = tl.exp2(b_m - b_ms)
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            if i_w == NW:
+                b_vn = b_v
             else:
-                b_A = _gla_intra_A_strong(tl.zeros([BT, BT], dtype=tl.float32), b_q,
-                                          tl.load(p_sk + o_i[:, None] * BK + o_k[None, :]),
-                                          tl.load(p_sc + o_i[:, None] * BK + o_k[None, :]), p_sk, p_sc, 0, BT, o_k,
-                                          m_k, K=BK, BT=BT, BC=BC, PREC=PREC)
-            b_o += tl.dot(b_A.to(DT), b_v, input_precision=PREC)
-
-            # window branch: online softmax over this chunk and the NW chunks before it (log2 units)
-            b_qr = tl.load(p_qr + (o_t * s_qr_t)[:, None] + o_k[None, :], mask=m_tk, other=0.)
-            b_acc = tl.zeros([BT, BV], dtype=tl.float32)
-            b_l = tl.zeros([BT], dtype=tl.float32)
-            b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
-            for i_n in range(tl.maximum(i_t - NW, 0), i_t + 1):
-                o_n = i_n * BT + o_i
-                m_n = o_n < T
-                b_pn = _positions(p_pos, o_n, T, HAS_POS)
-                b_kr = tl.load(p_kr + (o_n * s_kr_t)[:, None] + o_k[None, :], mask=m_n[:, None] & m_k[None, :],
-                               other=0.)
-                b_s = tl.dot(b_qr, tl.trans(b_kr), input_precision=PREC) * qk_scale
-                b_d = b_pt[:, None] - b_pn[None, :]
-                m_vis = m_val[:, None] & (b_pn >= 0)[None, :] & (b_d >= 0) & (b_d <= window)
-                b_s = tl.where(m_vis, b_s, float("-inf"))
-                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-                # rows that have seen no key yet keep m = -inf; shift them by 0 so that exp2 gives 0, not NaN
-                b_ms = tl.where(b_mn == float("-inf"), 0., b_mn)
-                b_p = tl.exp2(b_s - b_ms[:, None])
-                b_alpha = tl.exp2(b_m - b_ms)
-                b_l = b_l * b_alpha + tl.sum(b_p, 1)
                 b_vn = tl.load(p_v + (o_n * s_v_t)[:, None] + o_v[None, :], mask=m_n[:, None] & m_v[None, :],
                                other=0.)
-                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(DT), b_vn, input_precision=PREC)
-                b_m = b_mn
-            m_l = b_l > 0
-            b_os = tl.where(m_l[:, None], b_acc / tl.where(m_l, b_l, 1.)[:, None], 0.)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(DT), b_vn, input_precision=PREC)
+            b_m = b_mn
+        m_l = b_l > 0
+        b_os = tl.where(m_l[:, None], b_acc / tl.where(m_l, b_l, 1.)[:, None], 0.)
 
-            b_o = mix * b_o + (1. - mix) * b_os
-            tl.store(p_o + (o_t * V)[:, None] + o_v[None, :], b_o.to(o.dtype.element_ty),
-                     mask=m_t[:, None] & m_v[None, :])
-            if i_v == 0:
-                b_lse = tl.where(m_l, (b_m + tl.log2(tl.where(m_l, b_l, 1.))) / 1.4426950408889634, float("-inf"))
-                tl.store(lse + (i_b * HKV * G + i_hq) * T + o_t, b_lse, mask=m_t)
-
-        # h <- diag(exp(c_last)) h + (phi_k exp(c_last - c))^T v
-        if fast:
-            b_kd = (b_kg.to(tl.float32) * tl.exp(b_cl)[None, :]).to(DT)
-        else:
-            b_kd = (tl.load(p_sk + o_i[:, None] * BK + o_k[None, :]) * tl.exp(
-                tl.minimum(b_cl[None, :] - tl.load(p_sc + o_i[:, None] * BK + o_k[None, :]), 0.))).to(DT)
-        b_h = b_h * tl.exp(b_cl)[:, None] + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
-    if i_gp == 0:
-        tl.store(ht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_kv)
+        b_o = mix * b_o + (1. - mix) * b_os
+        tl.store(p_o + (o_t * V)[:, None] + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        if i_v == 0:
+            b_lse = tl.where(m_l, (b_m + tl.log2(tl.where(m_l, b_l, 1.))) / 1.4426950408889634, float("-inf"))
+            tl.store(lse + (i_b * HKV * G + i_hq) * T + o_t, b_lse, mask=m_t)
 
 
 # ----------------------------------------------------------------------------------------------------- backward
@@ -296,6 +392,33 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if ok else x.contiguous()
 
 
+def _strides(**xs):
+    out = {}
+    for name, x in xs.items():
+        out.update({f"s_{name}_b": x.stride(0), f"s_{name}_h": x.stride(1), f"s_{name}_t": x.stride(2)})
+    return out
+
+
+def liger_fwd_states(k_pre, v, gate_src, pos, h0, BT: int, gate_normalizer: float):
+    """Phase 1: states entering every chunk h [B, HKV, NT, K, V] fp32, chunk decays d [B, HKV, NT, K] fp32 and the
+    final state hT [B, HKV, K, V] fp32. Inputs as ``liger_fwd`` passes them (``_rows``-normalised, pos int64)."""
+    B, HKV, T, K = k_pre.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, BT)
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(LOCAL_BLOCKS[_dim(K, V)][0], max(16, triton.next_power_of_2(V)))
+    h = torch.empty(B, HKV, NT, K, V, dtype=torch.float32, device=v.device)
+    dec = torch.empty(B, HKV, NT, K, dtype=torch.float32, device=v.device)
+    ht = torch.empty(B, HKV, K, V, dtype=torch.float32, device=v.device)
+    liger_fwd_kernel_local[(triton.cdiv(V, BV), NT, B * HKV)](
+        k_pre=k_pre, gate=gate_src, v=v, pos=pos if pos is not None else dec, hl=h, dec=dec,
+        **_strides(kp=k_pre, g=gate_src, v=v), T=T, HKV=HKV, inv_norm=1.0 / float(gate_normalizer), K=K, V=V,
+        BT=BT, BK=BK, BV=BV, HAS_POS=pos is not None, PREC=dot_precision(v.dtype))
+    # the scan over chunks: one "token" per chunk whose log gate is the chunk decay; in place (L_n -> h_n)
+    chunk._scan(h, dec, h0, h, ht, NT, 1, reverse=False)
+    return h, dec, ht
+
+
 def liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale: float, window: int, mix: float,
               gate_normalizer: float):
     """Forward: ``(o [B,HQ,T,V] in v's dtype, hT [B,HKV,K,V] fp32, lse [B,HQ,T] fp32)``."""
@@ -310,29 +433,25 @@ def liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale: float, 
     q_pre, k_pre, gate_src = _rows(q_pre), _rows(k_pre), _rows(gate_src)
     q_rope, k_rope, v = (_rows(x.to(dt)) for x in (q_rope, k_rope, v))
     pos = None if pos is None else pos.to(torch.int64).contiguous()
-    h0 = None if h0 is None else h0.contiguous()
+    h0 = None if h0 is None else h0.float().contiguous()
     BT, BV, _, _ = _blocks(K, V, T)
+    NT = triton.cdiv(T, BT)
     BK = max(16, triton.next_power_of_2(K))
     NV = triton.cdiv(V, BV)
     G = HQ // HKV
-    GP = _heads_per_program(G, NV * B * HKV, v.device)
+    GP = _heads_per_program(G, NV * NT * B * HKV, v.device)
 
+    h, dec, ht = liger_fwd_states(k_pre, v, gate_src, pos, h0, BT, gate_normalizer)
     o = torch.empty(B, HQ, T, V, dtype=dt, device=v.device)
-    ht = torch.empty(B, HKV, K, V, dtype=torch.float32, device=v.device)
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=v.device)
-    # written only for chunks with strong gates
-    sk = torch.empty(B * HKV * (G // GP) * NV, BT, BK, dtype=torch.float32, device=v.device)
-    sc = torch.empty_like(sk)
-    strides = {}
-    for name, x in (("qp", q_pre), ("kp", k_pre), ("g", gate_src), ("v", v), ("qr", q_rope), ("kr", k_rope)):
-        strides.update({f"s_{name}_b": x.stride(0), f"s_{name}_h": x.stride(1), f"s_{name}_t": x.stride(2)})
-    liger_fwd_kernel[(NV, G // GP, B * HKV)](
-        q_pre=q_pre, k_pre=k_pre, gate=gate_src, v=v, q_rope=q_rope, k_rope=k_rope,
-        pos=pos if pos is not None else o, h0=h0 if h0 is not None else ht, o=o, ht=ht, lse=lse, sk=sk, sc=sc,
-        **strides, T=T, HKV=HKV, NW=triton.cdiv(int(window), BT), window=int(window),
-        qk_scale=float(scale) * LOG2E, mix=float(mix), inv_norm=1.0 / float(gate_normalizer), G=G, GP=GP,
-        K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV, HAS_POS=pos is not None, USE_H0=h0 is not None,
-        PREC=dot_precision(dt))
+    strides = _strides(qp=q_pre, kp=k_pre, g=gate_src, v=v, qr=q_rope, kr=k_rope)
+    for strong in (False, True):
+        liger_fwd_kernel_o[(NV * (G // GP), NT, B * HKV)](
+            q_pre=q_pre, k_pre=k_pre, gate=gate_src, v=v, q_rope=q_rope, k_rope=k_rope,
+            pos=pos if pos is not None else lse, h=h, dec=dec, o=o, lse=lse, **strides, T=T, HKV=HKV,
+            window=int(window), qk_scale=float(scale) * LOG2E, mix=float(mix), inv_norm=1.0 / float(gate_normalizer),
+            NW=triton.cdiv(int(window), BT), G=G, GP=GP, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV,
+            HAS_POS=pos is not None, GLA_F32=dt != torch.bfloat16, PREC=dot_precision(dt), STRONG=strong)
     return o, ht, lse
 
 
