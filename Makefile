@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install test demo demo-tiny clean gpu-test bench
+.PHONY: install test demo demo-tiny clean gpu-test bench bench-train
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,11 @@ gpu-test:
 
 bench:
 	TRITON_INTERPRET=0 $(BIN)/python benchmarks/kernels.py
+
+# GPU: one LoRA training step of a linearized Gemma-3-270M-shaped model (random weights, B 8 x T 1024), eager vs
+# torch.compile (backend="ligerfx" and Inductor). CPU smoke run: benchmarks/train_step.py --device cpu --tiny
+bench-train:
+	TRITON_INTERPRET=0 $(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

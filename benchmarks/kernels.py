@@ -26,8 +26,19 @@ bandwidth measured by a device-to-device copy (bytes read + written). Per token,
     liger_fused bwd  s*(5*HQ*D + 8*HKV*D) + 4*HQ      read the six inputs, do, lse; write their six gradients
     liger_unfused    as liger_fused (same inputs and outputs; the floor does not depend on how it is computed)
 
-Rows written to ``benchmarks/results/kernels-<card>.json``: op, mode, T, B, H, HKV, D, ms, fla_ms (null: fla not
-installed on the GPU machine), sdpa_ms, hbm_floor_ms, pct_of_floor (floor / ms), ratio_to_sdpa (ms / sdpa_ms), card.
+fla (flash-linear-attention 0.6.0, a test-only peer: ``pip install --no-deps .carry/fla/*.whl``, see
+docs/BENCHMARKS.md) is timed when it imports (``--no-fla`` skips it) on the same bf16 values: its ``chunk_gla`` has no
+GQA, so k, v and g are repeated to every query head (as Liger's official code does) and all inputs are made
+seq-first ``[B, T, H, D]`` contiguous *outside* the timed region; ``scale=1.0``, ``output_final_state=True``; fwd+bwd
+through autograd with a random bf16 ``do`` (fla returns o in the input dtype). The window peer is fla's
+``parallel_attn`` (GQA native, ``window_size = 65``: query i sees keys i-64..i like ours). Each row's ``fla_ms`` is the
+matching fla time: gla rows fla ``chunk_gla``; swa rows ``parallel_attn``; liger, liger_fused and liger_unfused rows
+``chunk_gla + parallel_attn`` (Liger composed of fla ops, mix excluded); null when fla is absent or failed at that
+shape. ``fla_gla_ms`` / ``fla_swa_ms`` hold the two parts.
+
+Rows written to ``benchmarks/results/kernels-<card>.json``: op, mode, T, B, H, HKV, D, ms, fla_ms, fla_gla_ms,
+fla_swa_ms, ratio_to_fla (ms / fla_ms), sdpa_ms, hbm_floor_ms, pct_of_floor (floor / ms), ratio_to_sdpa
+(ms / sdpa_ms), card, fla_version.
 """
 from __future__ import annotations
 
@@ -151,6 +162,74 @@ def make_ops(B, T, D, dtype=torch.bfloat16):
     }, [qr, kr, vr] + leaves
 
 
+def import_fla():
+    """``(chunk_gla, parallel_attn, version)`` from fla, or ``None`` and a one-line reason."""
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import fla
+            from fla.ops.attn import parallel_attn
+            from fla.ops.gla import chunk_gla
+        return (chunk_gla, parallel_attn, fla.__version__), None
+    except Exception as e:  # not installed, or an incompatible torch/triton
+        return None, f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def make_fla_ops(fla, B, T, D, dtype=torch.bfloat16):
+    """fla's chunk_gla and parallel_attn on inputs drawn like make_ops's (Liger-like q, k, g), seq-first; k, v, g
+    repeated to the HQ query heads for chunk_gla (no GQA there), all outside the timed region."""
+    chunk_gla, parallel_attn, _ = fla
+    HQ, HKV = HEADS[D]
+    G, dev = HQ // HKV, "cuda"
+    q = torch.randn(B, HQ, T, D, device=dev).softmax(-1).to(dtype)
+    k = torch.randn(B, HKV, T, D, device=dev).softmax(-1).to(dtype)
+    v = torch.randn(B, HKV, T, D, device=dev, dtype=dtype)
+    g = (F.logsigmoid(torch.randn(B, HKV, T, D, device=dev)) / 16).to(dtype)
+    qs = torch.randn(B, HQ, T, D, device=dev, dtype=dtype)
+    ks = torch.randn(B, HKV, T, D, device=dev, dtype=dtype)
+
+    def seq_first(x, rep=False):
+        return (x.repeat_interleave(G, 1) if rep else x).transpose(1, 2).contiguous()
+
+    gla_in = [seq_first(q), seq_first(k, True), seq_first(v, True), seq_first(g, True)]
+    swa_in = [seq_first(qs), seq_first(ks), seq_first(v)]
+    leaves = [x.clone().requires_grad_() for x in gla_in + swa_in]
+    do = torch.randn(B, T, HQ, D, device=dev, dtype=dtype)
+    scale = D ** -0.5
+
+    def gla_fwd():
+        with torch.no_grad():
+            return chunk_gla(*gla_in, scale=1.0, output_final_state=True)
+
+    def gla_fb():
+        o, _ = chunk_gla(*leaves[:4], scale=1.0, output_final_state=True)
+        o.backward(do)
+
+    def swa_fwd():
+        with torch.no_grad():
+            return parallel_attn(*swa_in, scale=scale, window_size=WINDOW + 1)
+
+    def swa_fb():
+        parallel_attn(*leaves[4:], scale=scale, window_size=WINDOW + 1).backward(do)
+
+    return {("gla", "fwd"): gla_fwd, ("gla", "fwd+bwd"): gla_fb,
+            ("swa", "fwd"): swa_fwd, ("swa", "fwd+bwd"): swa_fb}, leaves
+
+
+def fla_row_ms(op, fla_ms):
+    """The fla time matching a row of ``op`` (see the module docstring), from ``{"gla": ms, "swa": ms}``."""
+    gla, swa_ = fla_ms.get("gla"), fla_ms.get("swa")
+    if op == "gla":
+        return gla
+    if op == "swa":
+        return swa_
+    if op in ("liger", "liger_fused", "liger_unfused") and gla is not None and swa_ is not None:
+        return gla + swa_
+    return None
+
+
 def profile(B, T, D):
     """Per-kernel CUDA time of one GLA, one SWA and one fused Liger forward+backward (after a warm-up call)."""
     ops, _ = make_ops(B, T, D)
@@ -175,6 +254,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="per-kernel CUDA times (torch.profiler) per --D/--T")
     ap.add_argument("--ops", nargs="+", default=["gla", "swa", "liger", "liger_fused", "liger_unfused", "sdpa"],
                     help="ops to time (sdpa is always timed: the ratios refer to it)")
+    ap.add_argument("--no-fla", action="store_true", help="do not time fla even when it is installed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     print("command:", " ".join(["python"] + sys.argv), flush=True)
@@ -191,11 +271,18 @@ def main():
         print("compiled")
         return
 
+    fla, why = (None, "--no-fla") if args.no_fla else import_fla()
+    fla_version = fla[2] if fla else None
     card_name = torch.cuda.get_device_name()
     card = next((c for c in ("h100", "h200", "a100", "b200", "gb200") if c in card_name.lower()), "gpu")
     bw = copy_bandwidth()
     print(f"card: {card_name}; copy bandwidth {bw / 1e12:.2f} TB/s; triton {triton.__version__}; torch "
           f"{torch.__version__}; LIGERFX_AUTOTUNE={os.environ.get('LIGERFX_AUTOTUNE', '0')}", flush=True)
+    if fla:
+        print(f"fla {fla_version}: chunk_gla (k, v, g repeated to HQ heads) and parallel_attn (window {WINDOW + 1}) "
+              "timed on the same inputs", flush=True)
+    else:
+        print(f"fla not timed ({why}): fla_ms = null. Install: pip install --no-deps .carry/fla/*.whl", flush=True)
     rows = []
     for D in args.D:
         HQ, HKV = HEADS[D]
@@ -212,30 +299,56 @@ def main():
             except Exception as e:  # keep the other shapes
                 print(f"D={D} T={T}: FAILED {type(e).__name__}: {e}", flush=True)
                 continue
+            fla_ops, fla_grads = {}, []
+            if fla:
+                fla_ops, fla_grads = make_fla_ops(fla, B, T, D)
+                for key, fn in list(fla_ops.items()):  # autotune outside the timed region; drop what fails
+                    try:
+                        fn()
+                        torch.cuda.synchronize()
+                    except Exception as e:
+                        print(f"D={D} T={T}: fla {key[0]} {key[1]} FAILED {type(e).__name__}: {e}".splitlines()[0],
+                              flush=True)
+                        del fla_ops[key]
             for mode in ("fwd", "fwd+bwd"):
                 t0 = time.time()
                 ms = {op: triton.testing.do_bench(ops[(op, mode)], warmup=25, rep=100, return_mode="median",
                                                   grad_to_none=grads if op in ("sdpa", "liger_unfused") else None)
                       for op in dict.fromkeys([o for o in args.ops if o != "sdpa"] + ["sdpa"])}
+                fla_ms = {op: triton.testing.do_bench(fla_ops[(op, m)], warmup=25, rep=100, return_mode="median",
+                                                      grad_to_none=fla_grads)
+                          for (op, m) in fla_ops if m == mode}
                 for op, t in ms.items():
                     floor = B * T * floor_bytes(op, mode, HQ, HKV, D) / bw * 1e3
-                    rows.append(dict(op=op, mode=mode, T=T, B=B, H=HQ, HKV=HKV, D=D, ms=round(t, 4), fla_ms=None,
+                    f = fla_row_ms(op, fla_ms)
+                    rows.append(dict(op=op, mode=mode, T=T, B=B, H=HQ, HKV=HKV, D=D, ms=round(t, 4),
+                                     fla_ms=None if f is None else round(f, 4),
+                                     fla_gla_ms=None if "gla" not in fla_ms else round(fla_ms["gla"], 4),
+                                     fla_swa_ms=None if "swa" not in fla_ms else round(fla_ms["swa"], 4),
+                                     ratio_to_fla=None if f is None else round(t / f, 3),
                                      sdpa_ms=round(ms["sdpa"], 4), hbm_floor_ms=round(floor, 4),
                                      pct_of_floor=round(100 * floor / t, 1), ratio_to_sdpa=round(t / ms["sdpa"], 3),
-                                     card=card_name))
+                                     card=card_name, fla_version=fla_version))
                 print(f"D={D} T={T} B={B} {mode}: " + "  ".join(f"{op} {t:.3f}" for op, t in ms.items())
+                      + "".join(f"  fla_{op} {t:.3f}" for op, t in fla_ms.items())
                       + f"  ({time.time() - t0:.1f}s)", flush=True)
-            del ops
+            del ops, fla_ops, fla_grads
             torch.cuda.empty_cache()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{card}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"\n{'op':13} {'mode':8} {'D':>4} {'T':>6} {'B':>2} {'ms':>9} {'sdpa':>9} {'x sdpa':>7} {'floor':>8} "
-          f"{'%floor':>6}")
+    def opt(x, fmt):
+        return format(x, fmt) if x is not None else format("-", fmt[:-3] if "." in fmt else fmt)
+
+    print(f"\n{'op':13} {'mode':8} {'D':>4} {'T':>6} {'B':>2} {'ms':>9} {'sdpa':>9} {'x sdpa':>7} {'fla':>9} "
+          f"{'x fla':>6} {'floor':>8} {'%floor':>6}")
     for r in rows:
         print(f"{r['op']:13} {r['mode']:8} {r['D']:>4} {r['T']:>6} {r['B']:>2} {r['ms']:>9.3f} {r['sdpa_ms']:>9.3f} "
-              f"{r['ratio_to_sdpa']:>7.2f} {r['hbm_floor_ms']:>8.3f} {r['pct_of_floor']:>6.1f}")
+              f"{r['ratio_to_sdpa']:>7.2f} {opt(r['fla_ms'], '>9.3f')} {opt(r['ratio_to_fla'], '>6.2f')} "
+              f"{r['hbm_floor_ms']:>8.3f} {r['pct_of_floor']:>6.1f}")
+    if not fla:
+        print(f"fla not timed ({why}): fla_ms = null")
     print("wrote", out)
 
 
