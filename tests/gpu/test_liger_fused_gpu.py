@@ -5,7 +5,7 @@
 Criterion (as ``test_kernels_gpu.py``): ``||out - ref|| / ||ref||`` <= 1e-2 for bf16 inputs, <= 1e-4 for fp32; the
 reference is float64 autograd on the same (rounded) inputs. Checked: o, the final state, and the gradients of
 q_pre, k_pre, v, gate_src, q_rope, k_rope, h0 through ``torch.ops.ligerfx.liger_fwd``'s autograd. Strong gates
-exercise the sub-chunk path (scratch buffer and barriers: races show up only on a GPU, not in the interpreter).
+exercise the sub-chunk path of the phase-2 kernel (in-register reshapes, compiled only on a GPU here).
 """
 import os
 
@@ -116,8 +116,8 @@ def test_liger_fused(B, HQ, HKV, T, D, dtype, pads, strong):
 @pytest.mark.parametrize("GP", [1, 2, 4])
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_liger_fused_heads_per_program(monkeypatch, GP, D):
-    """Every split of the query heads over programs gives the same forward (strong gates included; programs that
-    share a KV head run the same code, bit-exactness is not required across compilations)."""
+    """Every number of query heads per phase-2 program (``LIGERFX_LIGER_GP``) gives the same forward (strong gates
+    included; bit-exactness is not required across compilations)."""
     monkeypatch.setenv("LIGERFX_LIGER_GP", str(GP))
     x = liger_inputs(2, 16, 4, 1500, D, torch.bfloat16, (0, 50), strong=True)
     o, hT, lse = fused.liger_fwd(*(x[n] for n in ARGS), D ** -0.5, 64, 0.5, 1.0)
@@ -152,3 +152,25 @@ def test_liger_fused_strided_inputs():
     b = fused.liger_fwd(*(y[n] for n in ARGS), 128 ** -0.5, 64, 0.5, 16.0)
     for u, w in zip(a, b):
         assert torch.equal(u.isfinite(), w.isfinite()) and rel(u[u.isfinite()], w[w.isfinite()]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_liger_fused_gate_grad_along_sequence(dtype):
+    """The gate_src gradient at T = 8192 with Liger's gates: within tolerance, and its error does not grow towards
+    the start of the sequence (the suffix-sum form of the inter-chunk gate gradient did: see
+    tests/test_liger_fused.py::test_gate_grad_precision_long_sequence)."""
+    B, HQ, HKV, T, D = 1, 8, 4, 8192, 128
+    x = liger_inputs(B, HQ, HKV, T, D, dtype)
+    do = torch.randn(B, HQ, T, D, device=DEV).to(dtype)
+    dhT = torch.randn(B, HKV, D, D, device=DEV)
+    gate = x["gate_src"].detach().clone().requires_grad_()
+    o, hT, _ = torch.ops.ligerfx.liger_fwd(*({**x, "gate_src": gate}[n] for n in ARGS), D ** -0.5, 64, 0.5, 16.0)
+    ((o.float() * do.float()).sum() + (hT * dhT).sum()).backward()
+    gate64 = x["gate_src"].detach().double().requires_grad_()
+    o_ref, hT_ref = liger_ref64({**x, "gate_src": gate64}, D ** -0.5, 64, 0.5, 16.0)
+    ((o_ref * do.double()).sum() + (hT_ref * dhT.double()).sum()).backward()
+    got, ref = gate.grad, gate64.grad
+    q = T // 4
+    head, tail = rel(got[:, :, :q], ref[:, :, :q]), rel(got[:, :, -q:], ref[:, :, -q:])
+    print(f"gate_src grad rel. error {rel(got, ref):.2e}: first quarter {head:.2e}, last quarter {tail:.2e}")
+    assert rel(got, ref) < TOL[dtype] and head < 2 * tail

@@ -61,7 +61,7 @@ import triton.language as tl
 from ..gla import chunk
 from ..gla.chunk import FAST_DECAY
 from ..swa import window as swa_window
-from ..utils import autotune, dot_precision, interpreting, warps_stages
+from ..utils import autotune, dot_precision, warps_stages
 from . import naive
 
 LOG2E = 1.4426950408889634
@@ -87,16 +87,15 @@ def _blocks(K: int, V: int, T: int):
     return min(BT, max(BC, triton.next_power_of_2(T))), min(BV, max(16, triton.next_power_of_2(V))), warps, stages
 
 
-def _heads_per_program(G: int, programs_per_group: int, device: torch.device) -> int:
-    """Query heads per phase-2 program: the largest divisor GP of G that still gives every SM a program
-    (``G / GP * programs_per_group >= SMs``), else 1. The heads of a program share the key side (phi_k, gate, the
-    scores' key factor, h_n, v) of their KV head. ``LIGERFX_LIGER_GP=n`` caps GP at n instead."""
-    divisors = [d for d in range(G, 0, -1) if G % d == 0]
-    env = os.environ.get("LIGERFX_LIGER_GP")
-    if env:
-        return next(d for d in divisors if d <= int(env))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return next((d for d in divisors if G // d * programs_per_group >= sms), 1)
+def _heads_per_program(G: int) -> int:
+    """Query heads per phase-2 program: 1 unless ``LIGERFX_LIGER_GP=n`` (then the largest divisor of G <= n).
+
+    A program looping over several heads of a group keeps the key side (phi_k exp(-c), exp(c), h_n, v) live across
+    the loop: at D = 128, BT = BV = 64, 8 warps that is 2.3 KB of register spills for 4 heads against 132 B for one
+    (sm_90a, ``benchmarks/liger_fused_spills.py``). The heads of a group are adjacent in the launch order instead,
+    so their programs read the key side mostly from L2 (and recompute feature maps and gate per head)."""
+    cap = int(os.environ.get("LIGERFX_LIGER_GP", "1"))
+    return next(d for d in range(G, 0, -1) if G % d == 0 and d <= max(cap, 1))
 
 
 def traffic_bytes(B: int, HQ: int, HKV: int, T: int, K: int, V: int, s: int = 2) -> dict:
@@ -193,7 +192,8 @@ def liger_fwd_kernel_local(k_pre, gate, v, pos, hl, dec, s_kp_b, s_kp_h, s_kp_t,
                            BK: tl.constexpr, BV: tl.constexpr, HAS_POS: tl.constexpr, PREC: tl.constexpr):
     """Chunk summary L_n = (phi_k exp(c_last - c))^T v (fp32) and chunk decay d_n = c_last (stored by i_v == 0)."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, i_bh = tl.cast(i_t, tl.int64), tl.cast(i_bh, tl.int64)
+    # row offsets (t * stride_t) fit int32 (``_rows``): only the batch / head offsets are int64
+    i_bh = tl.cast(i_bh, tl.int64)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     NT = tl.cdiv(T, BT)
     DT = v.dtype.element_ty
@@ -231,7 +231,7 @@ def liger_fwd_kernel_o(q_pre, k_pre, gate, v, q_rope, k_rope, pos, h, dec, o, ls
                        BK: tl.constexpr, BV: tl.constexpr, HAS_POS: tl.constexpr, GLA_F32: tl.constexpr,
                        PREC: tl.constexpr, STRONG: tl.constexpr):
     i_vg, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, i_bh = tl.cast(i_t, tl.int64), tl.cast(i_bh, tl.int64)
+    i_bh = tl.cast(i_bh, tl.int64)
     NV = tl.cdiv(V, BV)
     i_v, i_gp = i_vg % NV, i_vg // NV
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -291,7 +291,7 @@ def liger_fwd_kernel_o(q_pre, k_pre, gate, v, q_rope, k_rope, pos, h, dec, o, ls
         b_acc = tl.zeros([BT, BV], dtype=tl.float32)
         b_l = tl.zeros([BT], dtype=tl.float32)
         b_m = tl.full([BT], float("-inf"), dtype=tl.float32)
-        for i_w in tl.static_range(NW + 1):
+        for i_w in range(NW + 1):
             o_n = (i_t - NW + i_w) * BT + o_i
             m_n = (o_n >= 0) & (o_n < T)
             b_pn = _positions(p_pos, o_n, T, HAS_POS)
@@ -384,6 +384,30 @@ def liger_bwd_kernel_finish(x, dy, dz, pos, dx, s_b, s_h, s_t, T, H, inv_norm, K
     tl.store(dx + o_r, b_dx.to(dx.dtype.element_ty), mask=m_tk)
 
 
+@triton.jit
+def liger_bwd_kernel_gate_carry(h, ht, dh, sfx, NT, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                                BV: tl.constexpr):
+    """sfx[n] = rowsum(h_end,n * dh[n]): the gate gradient every row of chunk n receives from the chunk's end state
+    (h_end,n = h[n + 1], or hT for the last chunk; dh[n] = gradient of chunk n's end state)."""
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_bh = tl.cast(i_t, tl.int64), tl.cast(i_bh, tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    if i_t == NT - 1:
+        p_h = ht + i_bh * K * V
+    else:
+        p_h = h + (i_bh * NT + i_t + 1) * K * V
+    p_dh = dh + (i_bh * NT + i_t) * K * V
+    b_s = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_kv = m_k[:, None] & (o_v < V)[None, :]
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
+        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
+        b_s += tl.sum(b_h * b_dh, 1)
+    tl.store(sfx + (i_bh * NT + i_t) * K + o_k, b_s, mask=m_k)
+
+
 # ------------------------------------------------------------------------------------------------ host wrappers
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x with a unit stride along its last dim and in-row offsets (t * stride_t) that fit int32; other strides are
@@ -439,7 +463,7 @@ def liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale: float, 
     BK = max(16, triton.next_power_of_2(K))
     NV = triton.cdiv(V, BV)
     G = HQ // HKV
-    GP = _heads_per_program(G, NV * NT * B * HKV, v.device)
+    GP = _heads_per_program(G)
 
     h, dec, ht = liger_fwd_states(k_pre, v, gate_src, pos, h0, BT, gate_normalizer)
     o = torch.empty(B, HQ, T, V, dtype=dt, device=v.device)
@@ -488,6 +512,59 @@ def _finish(x, dy, pos, fn: int, mask: bool, inv_norm: float = 1.0, dz=None):
     return dx
 
 
+def gla_bwd(q, k, v, g, h0, do, dhT):
+    """``chunk.chunk_gla_bwd`` (same kernels, same contract) with the inter-chunk part of the gate gradient taken
+    from the states: every row of chunk n gets ``rowsum(h_end,n * dh_end,n)`` (its end state times that state's
+    gradient), where ``chunk_gla_bwd`` adds the chunk totals of ``q dq - k dk`` of every later chunk plus
+    ``rowsum(hT * dhT)``. Both are exact; the suffix sum cancels terms of every later chunk against each other, so
+    its rounding error grows with the distance to the end of the sequence (and dominates the gate gradient at long
+    T), while the state form only depends on the chunk's own end state and its gradient."""
+    dtypes = (q.dtype, k.dtype, v.dtype, g.dtype)
+    q, k, v, g = chunk._prep(q, k, v, g)
+    B, HQ, T, K = q.shape
+    HKV, V = k.shape[1], v.shape[-1]
+    G = HQ // HKV
+    BT = chunk.chunk_size(T)
+    NT = triton.cdiv(T, BT)
+    prec = os.environ.get("LIGERFX_GLA_BWD_PREC", "tf32") if q.dtype != torch.float32 else "ieee"
+    do = q.new_zeros(B, HQ, T, V, dtype=torch.float32) if do is None else do.contiguous()
+    dhT = None if dhT is None else dhT.contiguous()
+
+    h, gc, ht = chunk._states(k, v, g, None if h0 is None else h0.contiguous(), BT, prec, torch.float32)
+    # dh[n]: gradient of chunk n's end state
+    dh = torch.empty_like(h)
+    dh0 = k.new_empty(B, HKV, K, V, dtype=torch.float32)
+    BK, BV = chunk._blocks("dlocal", K, V)
+    chunk.gla_bwd_kernel_dlocal[(NT * B * HKV, triton.cdiv(K, BK), triton.cdiv(V, BV))](
+        q=q, gc=gc, do=do, dl=dh, T=T, G=G, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec)
+    chunk._scan(dh, gc, dhT, dh, dh0, T, BT, reverse=True)
+
+    dq = torch.empty(B, HQ, T, K, dtype=dtypes[0], device=q.device)
+    dk = torch.empty(B, HKV, T, K, dtype=dtypes[1], device=q.device)
+    dgl = k.new_empty(B, HKV, T, K, dtype=torch.float32)
+    dbt = k.new_empty(B, HKV, NT, K, dtype=torch.float32)
+    for strong in (False, True):
+        BK, BV = chunk._blocks("dqk_strong" if strong else "dqk", K, V)
+        chunk.gla_bwd_kernel_dqk[(triton.cdiv(K, BK), B * HKV, NT)](
+            q=q, k=k, v=v, gc=gc, h=h, do=do, dh=dh, dq=dq, dk=dk, dgl=dgl, dbt=dbt, T=T, G=G, K=K, V=V, BT=BT,
+            BC=BC, BK=BK, BV=BV, PREC=prec, STRONG=strong)
+    dv = torch.empty(B, HKV, T, V, dtype=dtypes[2], device=q.device)
+    for strong in (False, True):
+        BK, BV = chunk._blocks("dv_strong" if strong else "dv", K, V)
+        chunk.gla_bwd_kernel_dv[(triton.cdiv(V, BV), B * HKV, NT)](
+            q=q, k=k, gc=gc, do=do, dh=dh, dv=dv, T=T, G=G, K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV, PREC=prec,
+            STRONG=strong)
+
+    sfx = dbt  # the chunk totals are not needed: reuse their buffer
+    BK = min(64, max(16, triton.next_power_of_2(K)))
+    liger_bwd_kernel_gate_carry[(triton.cdiv(K, BK), NT, B * HKV)](
+        h=h, ht=ht, dh=dh, sfx=sfx, NT=NT, K=K, V=V, BK=BK, BV=min(64, max(16, triton.next_power_of_2(V))))
+    dg = torch.empty(B, HKV, T, K, dtype=dtypes[3], device=q.device)
+    BK, _ = chunk._blocks("dg", K, V)
+    chunk.gla_bwd_kernel_dg[(triton.cdiv(K, BK), B * HKV, NT)](dgl=dgl, sfx=sfx, dg=dg, T=T, K=K, BT=BT, BK=BK)
+    return dq, dk, dv, dg, dh0
+
+
 def liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, scale: float, window: int,
               mix: float, gate_normalizer: float):
     """Backward: the math of ``naive.liger_bwd``. Row-wise kernels build the GLA operands (phi_q, phi_k, v in v's
@@ -501,7 +578,7 @@ def liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, 
     phi_k = _prep(k_pre, pos, dt, ROW_SOFTMAX, mask=True)
     g = _prep(gate_src, pos, torch.float32, ROW_LOGSIGMOID, mask=True, inv_norm=inv_norm)
     vm = _prep(v, pos, dt, ROW_IDENTITY, mask=True) if pos is not None else v
-    dphi_q, dphi_k, dv_gla, dg, dh0 = chunk.chunk_gla_bwd(phi_q, phi_k, vm, g, h0, mix * do.float(), dhT)
+    dphi_q, dphi_k, dv_gla, dg, dh0 = gla_bwd(phi_q, phi_k, vm, g, h0, mix * do.float(), dhT)
     del phi_q, phi_k, g
     p = naive.positions(pos, B, T, v.device)
     qr, kr = q_rope.to(dt), k_rope.to(dt)
