@@ -285,10 +285,32 @@ def micro_step_loss(model, bare, input_ids, labels, *, keep_arg: bool, distill: 
     if not distill:
         return ce, torch.zeros((), device=ce.device)
     mask = targets != IGNORE_INDEX
-    t_logp = F.log_softmax(t_logits.float()[mask] / temperature, dim=-1)
-    s_logp = F.log_softmax(logits[mask] / temperature, dim=-1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum() * temperature**2
-    return ce, kl
+    return ce, distill_kl(t_logits[mask], logits[mask], temperature)
+
+
+KL_ROWS = 1024  # rows of [rows, vocab] fp32 temporaries alive at once in ``distill_kl``
+
+
+def _kl_rows(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    t_logp = F.log_softmax(t_logits.float() / temperature, dim=-1)
+    s_logp = F.log_softmax(s_logits.float() / temperature, dim=-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum()
+
+
+def distill_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Summed KL(teacher || student) over rows of ``[N, vocab]`` logits, times ``temperature**2``.
+
+    Computed ``KL_ROWS`` rows at a time, each block under activation checkpointing: with a 262k vocabulary the
+    fp32 log-softmaxes of 8K rows would otherwise keep ~50 GB of temporaries alive for the backward."""
+    if t_logits.shape[0] <= KL_ROWS or not torch.is_grad_enabled():
+        return _kl_rows(t_logits, s_logits, temperature) * temperature**2
+    from torch.utils.checkpoint import checkpoint
+
+    total = s_logits.new_zeros((), dtype=torch.float32)
+    for i in range(0, t_logits.shape[0], KL_ROWS):
+        total = total + checkpoint(_kl_rows, t_logits[i:i + KL_ROWS], s_logits[i:i + KL_ROWS], temperature,
+                                   use_reentrant=False)
+    return total * temperature**2
 
 
 @torch.no_grad()
