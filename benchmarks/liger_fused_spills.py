@@ -1,13 +1,13 @@
 """Registers and spills of the fused Liger forward kernels per tile config, compiled offline for sm_90a (no GPU).
 
     python benchmarks/liger_fused_spills.py [--D 64 128 256] [--BT 32 64] [--BV 32 64 128] [--GP 1 4] [--warps 4 8]
-        [--stages 1 2] [--strong 0 1] [--kernel o local]
+        [--stages 1 2] [--strong 0 1] [--kernel o local seq]
 
 Compiles the phase-2 kernel ``liger_fwd_kernel_o`` (both compilations: fast and strong-gate path) and the phase-1
-kernel ``liger_fwd_kernel_local`` with triton's own ptxas (bf16 inputs, positions on, G = 4 query heads per KV head,
-window 64) and prints ``ptxas -v``'s spill and register lines: how ``fused.BLOCKS`` / ``fused.LOCAL_BLOCKS`` were
-picked. Spills are a proxy only; the timing on the card decides (``benchmarks/kernels.py --ops liger_fused``,
-``LIGERFX_LIGER_BLOCKS`` to try tiles).
+kernels ``liger_fwd_kernel_local`` and ``liger_fwd_kernel_states_seq`` (``seq``) with triton's own ptxas (bf16
+inputs, positions on, window 64) and prints ``ptxas -v``'s spill and register lines: how ``fused.BLOCKS``,
+``LOCAL_BLOCKS`` and ``SEQ_BLOCKS`` were picked. Spills are a proxy only; the timing on the card decides
+(``benchmarks/kernels.py --ops liger_fused``, ``LIGERFX_LIGER_BLOCKS`` to try tiles).
 """
 from __future__ import annotations
 
@@ -38,10 +38,15 @@ def compile_report(kernel, D, BT, BV, GP, warps, stages=1, strong=False, G=4, wi
                 "h": "fp32", "dec": "fp32", "o": dt, "lse": "fp32"}
         consts = dict(NW=triton.cdiv(window, BT), G=G, GP=GP, K=D, V=D, BT=BT, BC=fused.BC, BK=D, BV=BV,
                       HAS_POS=True, GLA_F32=dt != "bf16", PREC=prec, STRONG=strong)
-    else:
+    elif kernel == "local":
         fn = fused.liger_fwd_kernel_local.fn
         ptrs = {"k_pre": dt, "gate": dt, "v": dt, "pos": "i64", "hl": "fp32", "dec": "fp32"}
         consts = dict(K=D, V=D, BT=BT, BK=D, BV=BV, HAS_POS=True, PREC=prec)
+    else:
+        fn = fused.liger_fwd_kernel_states_seq.fn
+        ptrs = {"k_pre": dt, "gate": dt, "v": dt, "pos": "i64", "h0": "fp32", "h": "fp32", "dec": "fp32",
+                "ht": "fp32"}
+        consts = dict(K=D, V=D, BT=BT, BK=D, BV=BV, HAS_POS=True, USE_H0=True, PREC=prec)
     sig, const = {}, {}
     for name in fn.arg_names:
         if name in ptrs:
@@ -64,7 +69,7 @@ def compile_report(kernel, D, BT, BV, GP, warps, stages=1, strong=False, G=4, wi
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernel", nargs="+", default=["o", "local"], choices=["o", "local"])
+    ap.add_argument("--kernel", nargs="+", default=["o", "local"], choices=["o", "local", "seq"])
     ap.add_argument("--D", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--BT", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--BV", type=int, nargs="+", default=[32, 64, 128])

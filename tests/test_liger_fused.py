@@ -108,10 +108,13 @@ def test_fused_fwd_strong_gates(monkeypatch, BT, GP, dtype):
     assert fast.any() and not fast.all()  # both paths ran
 
 
+@pytest.mark.parametrize("phase1", ["scan", "seq"])
 @pytest.mark.parametrize("T,BT,pads,h0", [(37, 16, (0, 5), True), (130, 32, None, False), (150, 64, (0, 70), True)])
-def test_fused_states_match_naive(T, BT, pads, h0):
-    """Phase 1 on its own: the state entering every chunk and the chunk decays, against a loop over the chunks of
-    the naive GLA operands (padded tokens: no write, no decay)."""
+def test_fused_states_match_naive(monkeypatch, phase1, T, BT, pads, h0):
+    """Phase 1 on its own (both variants: local summaries + scan, one sequential pass): the state entering every
+    chunk and the chunk decays, against a loop over the chunks of the naive GLA operands (padded tokens: no write,
+    no decay)."""
+    monkeypatch.setenv("LIGERFX_LIGER_PHASE1", phase1)
     x, _ = liger_inputs(B=2, HKV=2, G=1, T=T, K=16, V=24, pads=pads, h0=h0)
     h, dec, hT = fused.liger_fwd_states(x["k_pre"], x["v"], x["gate_src"], x["pos"], x["h0"], BT, 16.0)
     _, phi_k, g = naive.features(x["q_pre"][:, :2], x["k_pre"], x["gate_src"], 16.0)
@@ -123,6 +126,17 @@ def test_fused_states_match_naive(T, BT, pads, h0):
         kd = phi_k[:, :, n * BT:(n + 1) * BT] * (c[:, :, -1:] - c).exp()
         S = S * c[:, :, -1, :, None].exp() + kd.transpose(-1, -2) @ v[:, :, n * BT:(n + 1) * BT]
     assert rel(hT, S) < TOL
+
+
+@pytest.mark.parametrize("phase1,states", [("seq", "fp32"), ("scan", "bf16"), ("seq", "bf16")])
+def test_fused_fwd_phase1_variants(monkeypatch, phase1, states):
+    """The sequential phase 1 and bf16 chunk states (``LIGERFX_LIGER_PHASE1``, ``LIGERFX_LIGER_STATES``): same
+    forward; bf16 states cost about 2^-9 relative on the inter-chunk term."""
+    monkeypatch.setenv("LIGERFX_LIGER_PHASE1", phase1)
+    monkeypatch.setenv("LIGERFX_LIGER_STATES", states)
+    monkeypatch.setitem(fused.BLOCKS, 64, (16, 16, 4, 1))
+    x, _ = liger_inputs(B=2, HKV=2, G=2, T=70, K=16, V=24, pads=(0, 9))
+    check_fwd(x, tol=TOL if states == "fp32" else 1e-2)
 
 
 def test_fused_fwd_strided_inputs():

@@ -10,18 +10,23 @@ Time is cut into chunks of ``BT`` tokens. Per chunk, with ``phi_k = softmax(k_pr
 gate_normalizer`` (fp32, derived in-kernel; padded tokens have phi_k = v = g = 0), ``c`` the in-chunk cumulative
 log gate and ``h_n`` the state entering chunk n (per KV head, fp32)::
 
-    phase 1  L_n     = (phi_k exp(c_last - c))^T v,  d_n = c_last        liger_fwd_kernel_local   (B, HKV, chunk)
-             h_{n+1} = diag(exp(d_n)) h_n + L_n                           gla/chunk.py's scan       element-wise
+    phase 1  L_n     = (phi_k exp(c_last - c))^T v,  d_n = c_last     liger_fwd_kernel_local: grid (V blk, chunk, B*HKV)
+             h_{n+1} = diag(exp(d_n)) h_n + L_n                       gla/chunk.py's scan, element-wise over chunks
     phase 2  o_gla   = (phi_q exp(c)) h_n + A v,  A_ij = sum_d phi_q,id phi_k,jd exp(c_id - c_jd)  (j <= i)
              o_swa   = softmax over the keys (k_rope, v) of this chunk and the ceil(window / BT) chunks before it;
                        positions decide visibility (0 <= pos_t - pos_j <= window, pos >= 0); lse stored
              o       = mix * o_gla + (1 - mix) * o_swa (fp32), written once in v's dtype
-                                                                          liger_fwd_kernel_o  (V block x heads, chunk, B x HKV)
+                                                    liger_fwd_kernel_o: grid (V blk x head of group, chunk, B*HKV)
 
-Phase 1 writes the chunk summaries L_n in place of the states (the scan reads every element before it overwrites
-it) and the chunk decays ``d_n`` [B, HKV, NT, K]; the scan is ``gla_kernel_scan`` run over the NT chunk summaries
-(its "gate" is ``d`` with one row per chunk). Phase 2 programs are independent: every chunk of every head runs in
-parallel, each reading its chunk's inputs once (plus the previous chunks' k_rope / v / positions for the window).
+Phase 1 writes the chunk summaries L_n (fp32) where the states go (the scan reads every element before it
+overwrites it) and the chunk decays ``d_n`` [B, HKV, NT, K]; the scan is ``gla_kernel_scan`` run over the NT chunk
+summaries (its "gate" is ``d``, one row per chunk). ``LIGERFX_LIGER_PHASE1=seq`` instead runs phase 1 as one
+sequential pass per (V block, B*HKV) (``liger_fwd_kernel_states_seq``: state in registers, h_n written once; less
+traffic, less parallelism). The states h_n [B, HKV, NT, K, V] are fp32, or bf16 with ``LIGERFX_LIGER_STATES=bf16``.
+Phase 2 programs are independent: every chunk of every head runs in parallel, each reading its chunk's inputs once
+(plus the previous chunks' k_rope / v / positions for the window; the query heads of a group and the V blocks of a
+head are adjacent in launch order, so their shared key-side reads mostly hit L2). One query head per program by
+default (``_heads_per_program``).
 
 Intra-chunk scores take one dot through the chunk start when the chunk's total log decay stays above
 ``-FAST_DECAY`` in every key dim (every realistic Liger gate); other chunks take the sub-chunk path of
@@ -30,21 +35,24 @@ compilations of the phase-2 kernel (``STRONG``), both launched; a program whose 
 leaves after reading d_n (no host sync decides). Dot operands: bf16 for bf16 inputs (tensor cores, fp32
 accumulation), fp32 otherwise (fp16: ``exp(-c)`` up to ``exp(FAST_DECAY)`` overflows fp16; fp32: ieee).
 
-HBM traffic per token (bytes; s = input element size, K, V head dims, G = HQ / HKV, C = BT, NV = V blocks of
-phase 2; state elements fp32). Per KV head::
+HBM traffic (``traffic_bytes``): per token, s = input element size (2), K, V head dims, C = BT, states fp32 (4 B);
+re-reads by other V blocks, the heads of a group and the window's next chunks counted as L2 hits::
 
-    phase 1 local   read k_pre, gate_src, v         s(2K + V)        (k_pre, gate_src once per local V block, L2)
-                    write L_n, d_n                  4KV/C + 4K/C
-    phase 1 scan    read L_n, d_n; write h_n        8KV/C + 4K/C
-    phase 2         read k_pre, gate_src, v, k_rope s(3K + V)        (once per V block and head group, L2 after
-                    read h_n                        4KV/C             the first; previous chunks' k_rope, v: L2)
-                    read d_n                        4K/C
-    per query head  read q_pre, q_rope, write o     s(2K + V)        + 4 (lse)
+    local (phase 1)   per KV head:  read k_pre, gate_src, v s(2K+V); write L_n 4KV/C, d_n 4K/C
+    scan  (phase 1)   per KV head:  read L_n 4KV/C, d_n 4K/C; write h_n 4KV/C
+    seq   (phase 1)   per KV head:  read k_pre, gate_src, v s(2K+V); write h_n 4KV/C, d_n 4K/C  (replaces both)
+    output (phase 2)  per KV head:  read k_pre, gate_src, v, k_rope s(3K+V), h_n 4KV/C, d_n 4K/C
+                      per Q head:   read q_pre, q_rope s(2K); write o sV, lse 4
 
-At K = V = 128, C = 64, bf16, G = 1: phase 1 768 + 1,032 (local) + 2,056 (scan), phase 2 1,024 + 1,032 + 772:
-about 6.7 KB per token-head against 1.8 KB for the inputs and outputs alone; fp32 states are 4 of the 6.7 KB
-(bf16 states in phase 2 would save 512 B, fusing the scan into the local kernel 2 KB). D = 64: 3.3 KB (with C = 64);
-D = 256 (C = 32): 2s(3K+V)... see ``traffic_bytes``.
+    bytes per token and head (HQ = HKV)   local   scan   phase 2   total   | seq: phase 1  total | floor
+    D = 64,  C = 64                          644    516     1,160   2,320   |        644   1,804 |   900
+    D = 128, C = 64                        1,800  2,056     2,828   6,684   |      1,800   4,628 | 1,796
+    D = 256, C = 32                        9,760 16,416    11,812  37,988   |      9,760  21,572 | 3,588
+
+The floor reads the six inputs and writes o and lse once. The fp32 states dominate from D = 128 (4 KB of 6.7 KB;
+at D = 256, where the chunk must be 32 tokens to fit the registers, 32 KB of 38 KB); bf16 states save 2KV/C twice
+(D = 128: 5.7 KB scan / 3.6 KB seq). At D = 128, T = 32K, B = 1, H = 32: 7.0 GB (4.9 GB seq), about 1.5 ms
+(1.0 ms) at 4.8 TB/s.
 
 Assumption of the window branch: every key a query sees lies at most ``window`` token indices before it, which holds
 when padding sits only at the ends of each row (left- or right-padded batches, no padding). Rows with padding in
@@ -68,14 +76,23 @@ LOG2E = 1.4426950408889634
 BC = chunk.BC
 
 # head dim -> (BT, BV cap, num_warps, num_stages) of the phase-2 kernel and (BV cap, num_warps, num_stages) of the
-# local kernel (the launch configs unless LIGERFX_AUTOTUNE=1). Picked offline (triton 3.9, sm_90a, bf16, ptxas -v,
-# benchmarks/liger_fused_spills.py) as the largest tiles without register spills; not yet timed on a card.
-# Tuning override, e.g. LIGERFX_LIGER_BLOCKS="128=64,64,8,2;256=32,32,8,1".
-BLOCKS = {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 64, 8, 1)}
-LOCAL_BLOCKS = {64: (64, 4, 2), 128: (64, 8, 2), 256: (32, 8, 2)}
+# local kernel (the launch configs unless LIGERFX_AUTOTUNE=1), from benchmarks/liger_fused_spills.py (triton 3.9,
+# sm_90a, bf16, ptxas -v, one query head per program); not yet timed on a card. Phase 2: D=64 no spills; D=128 36 B
+# of spills on the one-dot path (692 B on the strong-gate path), kept for BV = V (with BV=64: 84 B, every V block
+# recomputes the scores and the window softmax); D=256 needs BT=32 (BT=64 spills >1 KB), no spills on the one-dot
+# path (176 B strong). Local kernel: no spills. Override, e.g. LIGERFX_LIGER_BLOCKS="128=64,64,8,1;256=32,32,8,1".
+BLOCKS = {64: (64, 64, 8, 1), 128: (64, 128, 8, 1), 256: (32, 64, 8, 1)}
+LOCAL_BLOCKS = {64: (64, 4, 1), 128: (128, 8, 1), 256: (128, 8, 1)}
+# phase 1 as one sequential pass (``LIGERFX_LIGER_PHASE1=seq``): (BV cap, num_warps, num_stages); small V blocks
+# for parallelism, stages > 1 so the next chunk's loads overlap the state update (spills: D=64 0, D=128 132 B,
+# D=256 40 B)
+SEQ_BLOCKS = {64: (32, 8, 2), 128: (32, 8, 2), 256: (32, 8, 2)}
 for _item in filter(None, os.environ.get("LIGERFX_LIGER_BLOCKS", "").split(";")):
     _name, _vals = _item.split("=")
     BLOCKS[int(_name)] = tuple(int(x) for x in _vals.split(","))
+# dtype of the stored chunk states read by phase 2 ("fp32", or "bf16": half the state traffic of the scan's write
+# and phase 2's read; phase 2 rounds them to bf16 for its dot anyway when the inputs are bf16)
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _dim(K: int, V: int) -> int:
@@ -98,22 +115,32 @@ def _heads_per_program(G: int) -> int:
     return next(d for d in range(G, 0, -1) if G % d == 0 and d <= max(cap, 1))
 
 
-def traffic_bytes(B: int, HQ: int, HKV: int, T: int, K: int, V: int, s: int = 2) -> dict:
-    """Model of the forward's HBM bytes per phase (every tile read once from HBM; re-reads by other V blocks, heads
-    of the same program group and the window's previous chunks counted as L2 hits)."""
+def traffic_bytes(B: int, HQ: int, HKV: int, T: int, K: int, V: int, s: int = 2, state_bytes: int = 4,
+                  phase1: str = "scan") -> dict:
+    """Model of the forward's HBM bytes per launch: every tile read once from HBM; re-reads by other V blocks, by
+    the heads of a group and by the window of the next chunks are counted as L2 hits (not in the model)."""
     BT = _blocks(K, V, T)[0]
     NT = triton.cdiv(T, BT)
     kv, q = B * HKV * T, B * HQ * T
-    state = B * HKV * NT * K * V * 4
+    L = B * HKV * NT * K * V * 4  # fp32 chunk summaries
+    hs = B * HKV * NT * K * V * state_bytes  # states read by phase 2
     dec = B * HKV * NT * K * 4
-    return {"local": kv * s * (2 * K + V) + state + dec, "scan": 2 * state + dec,
-            "output": kv * s * (3 * K + V) + state + dec + q * (s * (2 * K + V) + 4)}
+    inputs1 = kv * s * (2 * K + V)
+    out = {"phase2": kv * s * (3 * K + V) + hs + dec + q * (s * (2 * K + V) + 4)}
+    if phase1 == "seq":
+        out["phase1"] = inputs1 + hs + dec
+    else:
+        out["local"] = inputs1 + L + dec
+        out["scan"] = L + dec + hs
+    return out
 
 
 def _default(name: str):
     def pick(kw):
         if name == "local":
             _, warps, stages = LOCAL_BLOCKS[_dim(kw["K"], kw["V"])]
+        elif name == "seq":
+            _, warps, stages = SEQ_BLOCKS[_dim(kw["K"], kw["V"])]
         else:
             _, _, warps, stages = _blocks(kw["K"], kw["V"], 1 << 20)
         return triton.Config({}, num_warps=warps, num_stages=stages)
@@ -217,6 +244,48 @@ def liger_fwd_kernel_local(k_pre, gate, v, pos, hl, dec, s_kp_b, s_kp_h, s_kp_t,
     tl.store(hl + p_n * K * V + o_k[:, None] * V + o_v[None, :], b_l, mask=m_k[:, None] & m_v[None, :])
     if i_v == 0:
         tl.store(dec + p_n * K + o_k, b_cl, mask=m_k)
+
+
+@autotune(configs=warps_stages(warps=(4, 8), stages=(1, 2, 3)), key=["K", "V", "BT", "BK", "BV"],
+          default=_default("seq"))
+@triton.jit(do_not_specialize=["T"])
+def liger_fwd_kernel_states_seq(k_pre, gate, v, pos, h0, h, dec, ht, s_kp_b, s_kp_h, s_kp_t, s_g_b, s_g_h, s_g_t,
+                                s_v_b, s_v_h, s_v_t, T, HKV, inv_norm, K: tl.constexpr, V: tl.constexpr,
+                                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_POS: tl.constexpr,
+                                USE_H0: tl.constexpr, PREC: tl.constexpr):
+    """Phase 1 in one pass: walks the chunks with its [K, BV] state slice in fp32 registers, storing h_n (the state
+    entering chunk n), d_n (i_v == 0) and hT. Reads the inputs once and writes the states once (no L_n round trip),
+    but the chunks are sequential: parallel over B * HKV * V blocks only."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh = tl.cast(i_bh, tl.int64)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    NT = tl.cdiv(T, BT)
+    DT = v.dtype.element_ty
+    o_i = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_kp = k_pre + i_b * s_kp_b + i_h * s_kp_h
+    p_g = gate + i_b * s_g_b + i_h * s_g_h
+    p_v = v + i_b * s_v_b + i_h * s_v_h
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + i_bh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
+    for i_t in range(NT):
+        o_t = i_t * BT + o_i
+        m_t = o_t < T
+        m_val = _positions(pos + i_b * T, o_t, T, HAS_POS) >= 0
+        p_n = i_bh * NT + i_t
+        tl.store(h + p_n * K * V + o_k[:, None] * V + o_v[None, :], b_h.to(h.dtype.element_ty), mask=m_kv)
+        b_k, b_c = _key_side(p_kp, p_g, o_t, m_t, m_val, o_k, m_k, s_kp_t, s_g_t, inv_norm)
+        b_cl = tl.sum(tl.where((o_i == BT - 1)[:, None], b_c, 0.), 0)
+        if i_v == 0:
+            tl.store(dec + p_n * K + o_k, b_cl, mask=m_k)
+        b_kd = (b_k * tl.exp(tl.minimum(b_cl[None, :] - b_c, 0.))).to(DT)
+        b_v = tl.load(p_v + (o_t * s_v_t)[:, None] + o_v[None, :], mask=m_val[:, None] & m_v[None, :], other=0.)
+        b_h = b_h * tl.exp(b_cl)[:, None] + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
+    tl.store(ht + i_bh * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_kv)
 
 
 # ------------------------------------------------------------------------------------------------------ phase 2
@@ -423,24 +492,35 @@ def _strides(**xs):
     return out
 
 
-def liger_fwd_states(k_pre, v, gate_src, pos, h0, BT: int, gate_normalizer: float):
-    """Phase 1: states entering every chunk h [B, HKV, NT, K, V] fp32, chunk decays d [B, HKV, NT, K] fp32 and the
-    final state hT [B, HKV, K, V] fp32. Inputs as ``liger_fwd`` passes them (``_rows``-normalised, pos int64)."""
+def liger_fwd_states(k_pre, v, gate_src, pos, h0, BT: int, gate_normalizer: float, state_dtype=torch.float32):
+    """Phase 1: states entering every chunk h [B, HKV, NT, K, V] (``state_dtype``; computed in fp32), chunk decays
+    d [B, HKV, NT, K] fp32 and the final state hT [B, HKV, K, V] fp32. Inputs as ``liger_fwd`` passes them
+    (``_rows``-normalised, pos int64)."""
     B, HKV, T, K = k_pre.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
     BK = max(16, triton.next_power_of_2(K))
-    BV = min(LOCAL_BLOCKS[_dim(K, V)][0], max(16, triton.next_power_of_2(V)))
-    h = torch.empty(B, HKV, NT, K, V, dtype=torch.float32, device=v.device)
     dec = torch.empty(B, HKV, NT, K, dtype=torch.float32, device=v.device)
     ht = torch.empty(B, HKV, K, V, dtype=torch.float32, device=v.device)
+    if os.environ.get("LIGERFX_LIGER_PHASE1", "scan") == "seq":
+        BV = min(SEQ_BLOCKS[_dim(K, V)][0], max(16, triton.next_power_of_2(V)))
+        hs = torch.empty(B, HKV, NT, K, V, dtype=state_dtype, device=v.device)
+        liger_fwd_kernel_states_seq[(triton.cdiv(V, BV), B * HKV)](
+            k_pre=k_pre, gate=gate_src, v=v, pos=pos if pos is not None else dec, h0=h0 if h0 is not None else ht,
+            h=hs, dec=dec, ht=ht, **_strides(kp=k_pre, g=gate_src, v=v), T=T, HKV=HKV,
+            inv_norm=1.0 / float(gate_normalizer), K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_POS=pos is not None,
+            USE_H0=h0 is not None, PREC=dot_precision(v.dtype))
+        return hs, dec, ht
+    BV = min(LOCAL_BLOCKS[_dim(K, V)][0], max(16, triton.next_power_of_2(V)))
+    h = torch.empty(B, HKV, NT, K, V, dtype=torch.float32, device=v.device)
     liger_fwd_kernel_local[(triton.cdiv(V, BV), NT, B * HKV)](
         k_pre=k_pre, gate=gate_src, v=v, pos=pos if pos is not None else dec, hl=h, dec=dec,
         **_strides(kp=k_pre, g=gate_src, v=v), T=T, HKV=HKV, inv_norm=1.0 / float(gate_normalizer), K=K, V=V,
         BT=BT, BK=BK, BV=BV, HAS_POS=pos is not None, PREC=dot_precision(v.dtype))
-    # the scan over chunks: one "token" per chunk whose log gate is the chunk decay; in place (L_n -> h_n)
-    chunk._scan(h, dec, h0, h, ht, NT, 1, reverse=False)
-    return h, dec, ht
+    # the scan over chunks: one "token" per chunk whose log gate is the chunk decay; in place (L_n -> h_n) for fp32
+    hs = h if state_dtype == torch.float32 else torch.empty_like(h, dtype=state_dtype)
+    chunk._scan(h, dec, h0, hs, ht, NT, 1, reverse=False)
+    return hs, dec, ht
 
 
 def liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale: float, window: int, mix: float,
@@ -465,7 +545,8 @@ def liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, scale: float, 
     G = HQ // HKV
     GP = _heads_per_program(G)
 
-    h, dec, ht = liger_fwd_states(k_pre, v, gate_src, pos, h0, BT, gate_normalizer)
+    state_dtype = STATE_DTYPES[os.environ.get("LIGERFX_LIGER_STATES", "fp32")]
+    h, dec, ht = liger_fwd_states(k_pre, v, gate_src, pos, h0, BT, gate_normalizer, state_dtype)
     o = torch.empty(B, HQ, T, V, dtype=dt, device=v.device)
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=v.device)
     strides = _strides(qp=q_pre, kp=k_pre, g=gate_src, v=v, qr=q_rope, kr=k_rope)
