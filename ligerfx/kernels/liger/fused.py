@@ -446,8 +446,10 @@ def liger_bwd_kernel_finish(x, dy, dz, pos, dx, s_b, s_h, s_t, T, H, inv_norm, K
             b_p = _softmax_rows(b_x, m_k)
             b_dx = b_p * (b_dy - tl.sum(b_p * b_dy, 1)[:, None])
         else:
-            # logsigmoid: sigmoid(-x) dy
-            b_dx = b_dy * inv_norm / (1. + tl.exp(b_x.to(tl.float32)))
+            # logsigmoid: sigmoid(-x) dy, with exp(-|x|) (no overflow for large x)
+            b_x = b_x.to(tl.float32)
+            b_e = tl.exp(-tl.abs(b_x))
+            b_dx = b_dy * inv_norm * tl.where(b_x >= 0, b_e, 1.) / (1. + b_e)
     if USE_DZ:
         b_dx += tl.load(dz + o_r, mask=m_tk, other=0.).to(tl.float32)
     tl.store(dx + o_r, b_dx.to(dx.dtype.element_ty), mask=m_tk)
