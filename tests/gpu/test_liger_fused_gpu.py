@@ -130,6 +130,21 @@ def test_liger_fused_heads_per_program(monkeypatch, GP, D):
     assert rel(o, o_ref) < 1e-2 and rel(hT, hT_ref) < 1e-2
 
 
+@pytest.mark.parametrize("phase1,states", [("scan", "fp32"), ("seq", "fp32"), ("scan", "bf16"), ("seq", "bf16")])
+@pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (128, torch.bfloat16), (256, torch.bfloat16),
+                                     (128, torch.float32)])
+def test_liger_fused_phase1_variants(monkeypatch, phase1, states, D, dtype):
+    """Forward with both phase-1 variants and both state dtypes (``LIGERFX_LIGER_PHASE1``, ``LIGERFX_LIGER_STATES``)
+    against float64, strong gates in half the KV heads (both phase-2 compilations run)."""
+    monkeypatch.setenv("LIGERFX_LIGER_PHASE1", phase1)
+    monkeypatch.setenv("LIGERFX_LIGER_STATES", states)
+    x = liger_inputs(2, 8, 4, 3001, D, dtype, (0, 45), strong=True)
+    o, hT, _ = fused.liger_fwd(*(x[n] for n in ARGS), D ** -0.5, 64, 0.5, 1.0)
+    o_ref, hT_ref = liger_ref64(x, D ** -0.5, 64, 0.5, 1.0)
+    tol = TOL[dtype] if states == "fp32" else 1e-2
+    assert rel(o, o_ref) < tol and rel(hT, hT_ref) < tol
+
+
 def test_liger_fused_matches_unfused_bf16():
     """The op against liger.py's unfused composition (what it replaces), same bf16 inputs, both on the GPU."""
     B, HQ, HKV, T, D = 2, 32, 8, 3000, 128
