@@ -8,8 +8,8 @@ head-first [B, H, T, D]; K = V = D; HQ query heads, HKV KV heads (GQA). B = max(
 Times are ``triton.testing.do_bench`` medians (ms; L2 flushed between runs). "fwd+bwd" calls the host wrappers
 (forward, then backward with a random ``do``); SDPA runs through autograd with k and v repeated to HQ heads outside the
 timed region. "liger" = GLA + SWA (window 64) on the same q, k, v (the 0.5/0.5 mix is not included).
-"liger_fused" = the whole Liger attention of a layer from the raw projections: ``kernels/liger/fused.py``'s one
-forward kernel (feature maps, gate, GLA, window, mix), and for fwd+bwd its backward (feature maps and gate
+"liger_fused" = the whole Liger attention of a layer from the raw projections: ``kernels/liger/fused.py``'s
+forward (chunk states, then one chunk-parallel kernel doing feature maps, gate, GLA, window and mix), and for fwd+bwd its backward (feature maps and gate
 recomputed in PyTorch around the GLA and window backward kernels). "liger_unfused" = the same computation as
 ``liger.py`` composes it (PyTorch feature maps and gates, ``ligerfx::gla_fwd`` + ``ligerfx::swa_fwd``, mix), through
 autograd for fwd+bwd: what liger_fused replaces.

@@ -12,7 +12,7 @@ interpreter (``TRITON_INTERPRET=1`` must be set before ``triton`` is imported; f
         o, hT = torch.ops.ligerfx.gla_fwd(q, k, v, g, None)
 
 Dispatch: ``gla_fwd`` runs the fused recurrent kernel for ``T <= recurrent.MAX_T`` (decode), the chunk kernels
-otherwise; the backward pass is always chunked. ``liger_fwd`` is one fused kernel (``liger/fused.py``); ``liger_bwd``
+otherwise; the backward pass is always chunked. ``liger_fwd`` is the fused Liger forward (``liger/fused.py``: chunk states, then one chunk-parallel output kernel); ``liger_bwd``
 composes the GLA and window backward kernels.
 """
 from __future__ import annotations
