@@ -2,6 +2,13 @@
 import torch
 
 
+def rel(a, b) -> float:
+    """||a - b|| / ||b|| in float64; fails on any NaN in ``a`` (an unwritten, NaN-poisoned or overflowed element)."""
+    assert not torch.isnan(a).any(), "NaN (unwritten or overflowed element)"
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def gla_recurrence64(q, k, v, g, h0=None):
     """o_t = q_t S_t, S_t = diag(exp g_t) S_{t-1} + k_t^T v_t; k/v/g per KV head, q per query head. float64."""
     q, k, v, g = (x.double() for x in (q, k, v, g))
