@@ -85,7 +85,8 @@ def copy_bandwidth():
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
-def make_ops(B, T, D, dtype=torch.bfloat16):
+def liger_like_inputs(B, T, D, dtype):
+    """q, k = softmax feature maps, v, g = logsigmoid(x)/16 (Liger's gate), and RoPE'd-like qs, ks, on CUDA."""
     HQ, HKV = HEADS[D]
     dev = "cuda"
     q = torch.randn(B, HQ, T, D, device=dev).softmax(-1).to(dtype)
@@ -94,6 +95,13 @@ def make_ops(B, T, D, dtype=torch.bfloat16):
     g = (F.logsigmoid(torch.randn(B, HKV, T, D, device=dev)) / 16).to(dtype)
     qs = torch.randn(B, HQ, T, D, device=dev, dtype=dtype)
     ks = torch.randn(B, HKV, T, D, device=dev, dtype=dtype)
+    return q, k, v, g, qs, ks
+
+
+def make_ops(B, T, D, dtype=torch.bfloat16):
+    HQ, HKV = HEADS[D]
+    dev = "cuda"
+    q, k, v, g, qs, ks = liger_like_inputs(B, T, D, dtype)
     pos = torch.arange(T, device=dev).expand(B, T).contiguous()
     scale = D ** -0.5
     do32 = torch.randn(B, HQ, T, D, device=dev)
@@ -183,12 +191,7 @@ def make_fla_ops(fla, B, T, D, dtype=torch.bfloat16):
     chunk_gla, parallel_attn, _ = fla
     HQ, HKV = HEADS[D]
     G, dev = HQ // HKV, "cuda"
-    q = torch.randn(B, HQ, T, D, device=dev).softmax(-1).to(dtype)
-    k = torch.randn(B, HKV, T, D, device=dev).softmax(-1).to(dtype)
-    v = torch.randn(B, HKV, T, D, device=dev, dtype=dtype)
-    g = (F.logsigmoid(torch.randn(B, HKV, T, D, device=dev)) / 16).to(dtype)
-    qs = torch.randn(B, HQ, T, D, device=dev, dtype=dtype)
-    ks = torch.randn(B, HKV, T, D, device=dev, dtype=dtype)
+    q, k, v, g, qs, ks = liger_like_inputs(B, T, D, dtype)
 
     def seq_first(x, rep=False):
         return (x.repeat_interleave(G, 1) if rep else x).transpose(1, 2).contiguous()

@@ -401,16 +401,22 @@ def liger_fwd_kernel_o(q_pre, k_pre, gate, v, q_rope, k_rope, pos, h, dec, o, ls
 ROW_IDENTITY, ROW_SOFTMAX, ROW_LOGSIGMOID = 0, 1, 2
 
 
+@triton.jit
+def _row_tile(T, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """Rows of a program on the (row blocks, heads, batch) grid of the row-wise kernels: head, batch (int64), row and
+    column offsets, the column mask and the [BT, BK] bounds mask."""
+    i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.cast(tl.program_id(2), tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    return i_h, i_b, o_t, o_k, m_k, (o_t < T)[:, None] & m_k[None, :]
+
+
 @triton.jit(do_not_specialize=["T"])
 def liger_bwd_kernel_prep(x, pos, y, s_b, s_h, s_t, T, H, inv_norm, K: tl.constexpr, BT: tl.constexpr,
                           BK: tl.constexpr, FN: tl.constexpr, MASK: tl.constexpr, HAS_POS: tl.constexpr):
     """y = fn(x) per row (identity, softmax, logsigmoid * inv_norm), zero on padded rows if MASK; y contiguous."""
-    i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b = tl.cast(i_b, tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    m_tk = (o_t < T)[:, None] & m_k[None, :]
+    i_h, i_b, o_t, o_k, m_k, m_tk = _row_tile(T, K, BT, BK)
     b_x = tl.load(x + i_b * s_b + i_h * s_h + (o_t * s_t)[:, None] + o_k[None, :], mask=m_tk, other=0.)
     if FN == 1:
         b_y = _softmax_rows(b_x, m_k)
@@ -429,12 +435,7 @@ def liger_bwd_kernel_finish(x, dy, dz, pos, dx, s_b, s_h, s_t, T, H, inv_norm, K
                             BK: tl.constexpr, FN: tl.constexpr, MASK: tl.constexpr, HAS_POS: tl.constexpr,
                             USE_DZ: tl.constexpr):
     """dx = fn'(x)^T (dy * mask) [+ dz] per row, for y = fn(x) * mask as in the prep kernel; dy, dz, dx contiguous."""
-    i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b = tl.cast(i_b, tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    m_tk = (o_t < T)[:, None] & m_k[None, :]
+    i_h, i_b, o_t, o_k, m_k, m_tk = _row_tile(T, K, BT, BK)
     o_r = ((i_b * H + i_h) * T + o_t)[:, None] * K + o_k[None, :]
     b_dy = tl.load(dy + o_r, mask=m_tk, other=0.).to(tl.float32)
     if MASK:
