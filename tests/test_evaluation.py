@@ -336,6 +336,20 @@ def test_cli_linearized_and_adapter(env, saved_model, tmp_path):
     report = json.loads((out / "eval.json").read_text())
     assert report["model"]["adapter"] and report["label"].endswith("+adapter")
 
+    # the adapter's ligerfx_config.json (written by `ligerfx train`) sets the transform; flags override one field
+    saved = ligerfx.LigerConfig(window=4, mix=0.5, sinks=2).to_dict()
+    (adir / "ligerfx_config.json").write_text(json.dumps(saved))
+    plain = base[:base.index("--variant")]
+    out = tmp_path / "ad_saved"
+    assert eval_cli.run(_cli(plain + ["--adapter", str(adir), "--out", str(out)])) == 0
+    t = json.loads((out / "eval.json").read_text())["model"]["transform"]
+    assert (t["variant"], t["window"], t["sinks"], t["mix"]) == ("gla", 4, 2, 0.5)
+    cfg = eval_cli.liger_config_from_args(_cli(plain + ["--adapter", str(adir), "--sinks", "0"]))
+    assert (cfg.sinks, cfg.window) == (0, 4)
+    (adir / "ligerfx_config.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="ligerfx_config.json"):
+        eval_cli.liger_config_from_args(_cli(plain + ["--adapter", str(adir)]))
+
 
 def test_cli_rejects_bad_arguments(env, saved_model):
     assert eval_cli.run(_cli(["--model", str(saved_model), "--tasks", "mmlu", "--data-dir", str(env["data"])])) == 2

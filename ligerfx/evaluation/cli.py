@@ -66,23 +66,54 @@ def _split(s):
     return [x.strip() for x in str(s).split(",") if x.strip()]
 
 
+def _saved_liger_config(adapter):
+    """The ``ligerfx_config.json`` written by ``ligerfx train`` beside an adapter, as a dict (None if absent)."""
+    if not adapter:
+        return None
+    f = Path(adapter) / "ligerfx_config.json"
+    if not f.is_file():
+        return None
+    try:
+        saved = json.loads(f.read_text())
+    except ValueError as e:
+        raise SystemExit(f"{f}: not valid JSON ({e})")
+    if not isinstance(saved, dict):
+        raise SystemExit(f"{f}: expected a JSON object")
+    return saved
+
+
 def liger_config_from_args(args):
-    """LigerConfig from the --variant/--mix/... flags (None when --variant is absent)."""
-    if args.variant is None:
+    """LigerConfig from the --variant/--mix/... flags (None when the teacher is evaluated).
+
+    With ``--adapter DIR`` holding a ``ligerfx_config.json`` (written by ``ligerfx train``), the model is transformed
+    with the settings the adapter was trained with; ``--variant``/``--sinks``/... flags override single fields and
+    each override is printed, so an adapter is never silently scored under settings it was not trained with.
+    """
+    saved = _saved_liger_config(getattr(args, "adapter", None))
+    if args.variant is None and saved is None:
         extra = [n for n in ("mix", "window", "sinks", "gate_normalizer", "layers") if getattr(args, n) is not None]
         if extra or args.only_full_attention:
             raise SystemExit(f"--{extra[0].replace('_', '-') if extra else 'only-full-attention'} needs --variant")
         return None
     from ligerfx import LigerConfig
 
-    kw = {"variant": args.variant}
+    kw = {}
+    if saved is not None:
+        known = set(LigerConfig().to_dict()) - {"lora"}
+        kw = {k: v for k, v in saved.items() if k in known}
+    flags = {"variant": args.variant}
     for n in ("mix", "window", "sinks", "gate_normalizer"):
-        if getattr(args, n) is not None:
-            kw[n] = getattr(args, n)
+        flags[n] = getattr(args, n)
     if args.layers:
-        kw["layers"] = [int(i) for i in _split(args.layers)]
+        flags["layers"] = [int(i) for i in _split(args.layers)]
     if args.only_full_attention:
-        kw["only_full_attention"] = True
+        flags["only_full_attention"] = True
+    if saved is not None:
+        for n, v in flags.items():
+            if v is not None and kw.get(n) != v:
+                print(f"ligerfx eval: --{n.replace('_', '-')} {v} overrides {n}={kw.get(n)!r} from "
+                      f"{Path(args.adapter) / 'ligerfx_config.json'}")
+    kw.update({n: v for n, v in flags.items() if v is not None})
     return LigerConfig(**kw)
 
 
