@@ -287,6 +287,14 @@ def main():
     else:
         print(f"fla not timed ({why}): fla_ms = null. Install: pip install --no-deps .carry/fla/*.whl", flush=True)
     rows = []
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{card}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+
+    def save():  # after every shape, so a run cut short by a time limit keeps what it measured
+        with open(out + ".tmp", "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(out + ".tmp", out)
+
     for D in args.D:
         HQ, HKV = HEADS[D]
         for T in args.T:
@@ -337,10 +345,8 @@ def main():
                       + f"  ({time.time() - t0:.1f}s)", flush=True)
             del ops, fla_ops, fla_grads
             torch.cuda.empty_cache()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels-{card}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(rows, f, indent=1)
+            save()
+    save()
     def opt(x, fmt):
         return format(x, fmt) if x is not None else format("-", fmt[:-3] if "." in fmt else fmt)
 
