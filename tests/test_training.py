@@ -137,9 +137,10 @@ def test_distill_and_mix_data(workdir, tmp_path):
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "the cat sat on the mat"}] * 20)
     out = tmp_path / "run"
     assert train(workdir, out, "--max-tokens", str(2 * 2 * 48), "--distill", "--distill-weight", "0.5",
-                 "--mix-data", f"{text}:0.5") == 0
+                 "--mix-data", f"{text}:0.5", "--sinks", "2") == 0
     rows = read_log(out / "log.csv")
     assert len(rows) == 2
+    assert json.loads((out / "ligerfx_config.json").read_text())["sinks"] == 2  # what `ligerfx eval --adapter` reads
     for r in rows:
         assert r["kl"] is not None and r["kl"] >= 0
         assert r["loss"] == pytest.approx(r["ce"] + 0.5 * r["kl"], rel=1e-6)
