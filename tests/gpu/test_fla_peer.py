@@ -88,9 +88,16 @@ def run(fn, inputs, do, dhT, G):
     return [o.detach(), hT.detach()] + [x.grad for x in leaves]
 
 
-CASES = [(T, D, G, torch.bfloat16) for T in (1000, 4096) for D in (64, 128, 256) for G in (1, 4)]
-CASES += [(1000, D, G, torch.float32) for D in (64, 128, 256) for G in (1, 4)]
-CASES += [(4096, 128, G, torch.float32) for G in (1, 4)]
+# Each new shape makes fla autotune its kernels (minutes per case on an H200 with triton 3.6: the full 20-case grid
+# did not finish in 550 s), so the grid is small: every head dim in bf16 with GQA 4 (the case fla cannot do natively),
+# GQA 1, an odd T, and fp32. LIGERFX_FLA_FULL=1 restores the full grid.
+if os.environ.get("LIGERFX_FLA_FULL") == "1":
+    CASES = [(T, D, G, torch.bfloat16) for T in (1000, 4096) for D in (64, 128, 256) for G in (1, 4)]
+    CASES += [(1000, D, G, torch.float32) for D in (64, 128, 256) for G in (1, 4)]
+    CASES += [(4096, 128, G, torch.float32) for G in (1, 4)]
+else:
+    CASES = [(4096, D, 4, torch.bfloat16) for D in (64, 128, 256)]
+    CASES += [(1000, 128, 1, torch.bfloat16), (1000, 128, 4, torch.float32)]
 
 
 @pytest.mark.parametrize("T,D,G,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
