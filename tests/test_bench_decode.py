@@ -35,3 +35,18 @@ def test_decode_benchmark_smoke(tmp_path):
                           str(tmp_path / "decode-cpu-tiny.json")], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| 512 |" in res.stdout
+
+
+def test_decode_ops_counts(tmp_path):
+    """benchmarks/decode_ops.py (eager only): the per-layer launch count it reports is the profiler's count."""
+    out = tmp_path / "ops.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode_ops.py"), "--no-compile", "--variants", "teacher,ligerfx",
+           "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    t, l = rows["teacher"], rows["ligerfx"]
+    assert t["eager_custom_ops"] == 0 and l["eager_custom_ops"] >= l["layers"]  # a ligerfx op per linearized layer
+    assert l["eager_ops_extra_per_layer"] == (l["eager_ops"] - t["eager_ops"]) / l["layers"]
+    assert "| ligerfx |" in res.stdout
