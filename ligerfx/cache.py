@@ -160,13 +160,20 @@ class LigerLayer(CacheLayerMixin):
             if self.sink_k is not None:
                 slots = torch.arange(self.sinks, device=pos.device).expand(pos.shape[0], self.sinks)
                 self._write_slots(self.sink_k, self.sink_v, self.sink_pos, k, v, valid, slots)
-            self.seen.add_(valid.sum(1))
+        self.count(valid.sum(1), T)
+
+    def count(self, n_valid: torch.Tensor, T: int) -> None:
+        """The counters after a call of ``T`` tokens, ``n_valid`` ``[B]`` of them valid: ``seen`` and ``length`` in
+        place, the host copy of the length, and "no longer fresh". ``advance`` ends with it; the fused decode step
+        (``liger.decode_step``), which writes ring, sinks and state itself, calls it directly."""
+        with torch.no_grad():
+            self.seen.add_(n_valid)
             self.length.add_(T)
         self._fresh = False
         if self._softmax_layers():
             # a softmax layer's keys grow, so compiled steps are dynamic anyway: keep the host count exact
             self._host_length = self.cumulative_length + T
-        elif torch.compiler.is_compiling() or _capturing(k):
+        elif torch.compiler.is_compiling() or _capturing(self.length):
             self._host_length = None  # replays do not run this line: read the device counter back when needed
         elif self._host_length is not None:
             self._host_length += T

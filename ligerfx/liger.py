@@ -17,9 +17,14 @@ Design choices (see ``LigerConfig``): the window sees the query itself plus ``wi
 identical but ``HQ/HKV`` times larger state). Padded tokens neither write nor decay the state (their k, v and gate
 are zeroed) and are never attended to. ``variant="swa_sinks"`` drops the recurrent branch and keeps the first
 ``sinks`` tokens visible: the training-free sliding-window baseline.
+
+A decode step (one token per sequence onto an allocated cache, autograd off) runs as one fused op
+(``decode_step``: ``ligerfx::liger_decode_``) instead of the branch-by-branch path; ``LIGERFX_FUSED_DECODE=0``
+(read at import, or set ``ligerfx.liger.FUSED_DECODE = False``) keeps the branch-by-branch path for every call.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -27,6 +32,8 @@ import torch.nn.functional as F
 
 from .config import LigerConfig
 from . import ops
+
+FUSED_DECODE = os.environ.get("LIGERFX_FUSED_DECODE", "1") != "0"
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -96,11 +103,15 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
     """Liger attention for one layer. Shapes as SDPA sees them ([B, H, T, D]); returns [B, HQ, T, V].
 
     ``cache`` (a ``ligerfx.cache.LigerLayer``) carries the GLA state and the window of past keys/values between
-    calls (prefill, then decode steps); it is read before and updated in place after this call.
+    calls (prefill, then decode steps); it is read before and updated in place after this call. A decode step
+    without autograd takes ``decode_step`` (unless ``LIGERFX_FUSED_DECODE=0``).
     """
     B, _, T, _ = q_rope.shape
     if cache is not None:
         cache.prepare(k_rope, v)
+        if FUSED_DECODE and T == 1 and cache.seen is not None and not torch.is_grad_enabled():
+            return decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, scale=scale, cfg=cfg, valid=valid,
+                               cache=cache)
     o_gla = o_swa = None
     if cfg.recurrent_weight > 0:
         o_gla, state = gla_branch(q_pre, k_pre, v, gate_src, cfg, valid,
@@ -118,3 +129,19 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
     if cache is not None:
         cache.advance(k_rope, v, q_pos)
     return mix(o_gla, o_swa, cfg, v.dtype)
+
+
+def decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, cfg: LigerConfig,
+                valid: Optional[torch.Tensor], cache) -> torch.Tensor:
+    """``liger_attention`` for one new token per sequence (T == 1) onto an allocated ``cache``, autograd off: the
+    same math in one op (``ligerfx::liger_decode_``: feature maps, gate, state update, window over the sinks, the
+    ring and the token itself, mix, then the token's ring and sink writes, all in place), then the counters. A
+    missing branch (``swa_sinks``: no state; ``mix=1``: no ring) is skipped inside the op. Differences from the
+    branch-by-branch path: the feature maps and the window branch's output are not rounded to the compute dtype
+    before the state update and the mix (fp32 throughout)."""
+    pos = positions(valid, q_rope.shape[0], 1, q_rope.device, cache.seen)
+    o = ops.liger_decode_(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, cache.state, cache.win_k, cache.win_v,
+                          cache.win_pos, cache.sink_k, cache.sink_v, cache.sink_pos, float(scale), int(cfg.window),
+                          float(cfg.recurrent_weight), float(cfg.gate_normalizer))
+    cache.count((pos >= 0).sum(1), 1)
+    return o

@@ -13,9 +13,13 @@ The default implementation is the plain-PyTorch reference in ``ligerfx/kernels/*
         -> (o, hT, lse)
     ligerfx::liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos?, h0?, lse, do, dhT?, scale, window, mix,
                        gate_normalizer) -> (dq_pre, dk_pre, dv, dgate_src, dq_rope, dk_rope, dh0)
+    ligerfx::liger_decode_(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state?, win_k?, win_v?, win_pos?,
+                           sink_k?, sink_v?, sink_pos?, scale, window, mix, gate_normalizer) -> o
+        (one decode step; updates state, ring and sink buffers in place; no autograd)
 
 Shapes and semantics are documented in ``kernels/gla/naive.py``, ``kernels/swa/naive.py`` and
-``kernels/liger/naive.py`` (the whole Liger attention of one layer, no cache, no sinks: one fused forward kernel).
+``kernels/liger/naive.py`` (the whole Liger attention of one layer, no cache, no sinks: one fused forward kernel;
+and ``liger_decode``, one decode step onto a ``LigerLayer``'s buffers).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from .kernels.swa import naive as swa_naive
 # op name -> device type -> implementation. Filled by the Triton kernel modules when they import.
 _IMPLS: dict[str, dict[str, Callable]] = {
     "gla_fwd": {}, "gla_bwd": {}, "swa_fwd": {}, "swa_bwd": {}, "liger_fwd": {}, "liger_bwd": {},
+    "liger_decode_": {},
 }
 _REFERENCE = {
     "gla_fwd": gla_naive.gla_fwd,
@@ -39,6 +44,7 @@ _REFERENCE = {
     "swa_bwd": swa_naive.swa_bwd,
     "liger_fwd": liger_naive.liger_fwd,
     "liger_bwd": liger_naive.liger_bwd,
+    "liger_decode_": liger_naive.liger_decode,
 }
 _FORCE_REFERENCE = False
 
@@ -214,6 +220,29 @@ def _liger_backward(ctx, do, dhT, dlse):
 
 
 liger_fwd.register_autograd(_liger_backward, setup_context=_liger_setup)
+
+
+# ------------------------------------------------------------------------------------------- Liger (decode)
+@torch.library.custom_op(
+    "ligerfx::liger_decode_", mutates_args=("state", "win_k", "win_v", "win_pos", "sink_k", "sink_v", "sink_pos"))
+def liger_decode_(
+    q_pre: Tensor, k_pre: Tensor, v: Tensor, gate_src: Tensor, q_rope: Tensor, k_rope: Tensor, pos: Tensor,
+    state: Optional[Tensor], win_k: Optional[Tensor], win_v: Optional[Tensor], win_pos: Optional[Tensor],
+    sink_k: Optional[Tensor], sink_v: Optional[Tensor], sink_pos: Optional[Tensor], scale: float, window: int,
+    mix: float, gate_normalizer: float,
+) -> Tensor:
+    """One decode step onto a cache's buffers, in place (``kernels/liger/naive.py::liger_decode``). Inference only:
+    no autograd formula."""
+    o = _impl("liger_decode_", v)(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos,
+                                   sink_k, sink_v, sink_pos, scale, window, mix, gate_normalizer)
+    return o.contiguous()
+
+
+@liger_decode_.register_fake
+def _(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k, sink_v, sink_pos, scale,
+      window, mix, gate_normalizer):
+    B, HQ = q_pre.shape[:2]
+    return v.new_empty(B, HQ, 1, v.shape[-1])
 
 
 def _register_triton_kernels() -> None:

@@ -1,4 +1,6 @@
-"""Plain-PyTorch Liger attention (recurrent + window branch in one call): the reference for the fused kernel.
+"""Plain-PyTorch Liger attention (recurrent + window branch in one call): the reference for the fused kernels.
+``liger_fwd`` / ``liger_bwd`` run a whole sequence without a cache; ``liger_decode`` (documented at its definition)
+runs one decode step onto a cache's buffers, in place.
 
 Shapes (head-first, as SDPA sees them; ``K`` the q/k head dim, ``V`` the value head dim)::
 
@@ -104,3 +106,85 @@ def liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, 
     dv = dv_gla + dv_swa.float()
     return (dq_pre.to(q_pre.dtype), dk_pre.to(k_pre.dtype), dv.to(v.dtype), dgate.to(gate_src.dtype),
             dq_rope.to(q_rope.dtype), dk_rope.to(k_rope.dtype), dh0.float())
+
+
+def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k, sink_v,
+                 sink_pos, scale: float, window: int, mix: float, gate_normalizer: float):
+    """One decode step (one new token per sequence) of Liger attention onto a ``ligerfx.cache.LigerLayer``'s
+    buffers, which it updates in place. The reference of ``decode.py``'s kernel and of ``ligerfx::liger_decode_``.
+
+    Shapes (``S`` sink slots, ``W`` ring slots)::
+
+        q_pre, q_rope: [B, HQ, 1, K]   k_pre, gate_src, k_rope: [B, HKV, 1, K]   v: [B, HKV, 1, V]
+        pos: [B, 1] int64, the new token's position (-1 = padding)
+        state: [B, HKV, K, V] fp32 or None (no recurrent branch: ``variant="swa_sinks"``)
+        win_k: [B, HKV, W, K], win_v: [B, HKV, W, V], win_pos: [B, W] int64 (-1 = empty), or all None (no ring)
+        sink_k: [B, HKV, S, K], sink_v: [B, HKV, S, V], sink_pos: [B, S] int64, or all None (no sinks)
+        -> o [B, HQ, 1, V] in v's dtype
+
+    Math (``liger.py``'s branch-by-branch decode step)::
+
+        phi_q, phi_k = softmax(q_pre), softmax(k_pre) over the head dim;  g = logsigmoid(gate_src) / gate_normalizer
+        S            = diag(exp g) S + phi_k^T v       (in place; a padded row keeps its state)
+        o_gla        = phi_q S                          (every query head of the KV head's group)
+        o_swa        = softmax(scale q_rope . k) v over the sink slots, the ring and the new token itself, key at
+                       position p visible iff 0 <= p <= pos and (pos - p <= window or p < S); ring slots holding a
+                       position < S are skipped (that token sits in a sink slot); a padded row sees nothing (0)
+        o            = mix * o_gla + (1 - mix) * o_swa  (a missing branch contributes 0: no state, or mix == 1)
+
+    then, for a valid row only, the new k_rope / v go into ring slot ``pos % W`` and, if ``pos < S``, into sink slot
+    ``pos``, with their positions. The new key and value enter the window rounded to the buffers' dtype (as they
+    will be read back at the next steps). Math in fp32 (float64 for float64 inputs); the counters (``seen``,
+    ``length``) are the caller's.
+    """
+    B, HQ, _, K = q_pre.shape
+    HKV, V = k_rope.shape[1], v.shape[-1]
+    G = HQ // HKV
+    f = torch.float64 if v.dtype == torch.float64 else torch.float32
+    pos = pos.reshape(B)
+    valid = pos >= 0
+    v_new = v[:, :, 0].to(f)  # [B, HKV, V]
+    o = torch.zeros(B, HKV, G, V, dtype=f, device=v.device)
+
+    if state is not None:
+        phi_q = torch.softmax(q_pre[:, :, 0].to(f), -1).view(B, HKV, G, K)
+        phi_k = torch.softmax(k_pre[:, :, 0].to(f), -1)
+        g = F.logsigmoid(gate_src[:, :, 0].to(f)) / gate_normalizer
+        S = state.to(f) * g.exp()[..., None] + phi_k[..., None] * v_new[:, :, None, :]
+        S = torch.where(valid[:, None, None, None], S, state.to(f))
+        o += mix * torch.einsum("bhgk,bhkv->bhgv", phi_q, S)
+        state.copy_(S)
+
+    n_sinks = 0 if sink_k is None else sink_k.shape[2]
+    buf = sink_k if sink_k is not None else win_k
+    k_new = k_rope[:, :, 0] if buf is None else k_rope[:, :, 0].to(buf.dtype)  # [B, HKV, K]
+    v_kept = v[:, :, 0] if buf is None else v[:, :, 0].to(buf.dtype)
+    if mix < 1:
+        keys, values, k_pos = [], [], []
+        if sink_k is not None:
+            keys.append(sink_k), values.append(sink_v), k_pos.append(sink_pos)
+        if win_k is not None:
+            keys.append(win_k), values.append(win_v), k_pos.append(win_pos.masked_fill(win_pos < n_sinks, -1))
+        keys.append(k_new[:, :, None]), values.append(v_kept[:, :, None]), k_pos.append(pos[:, None])
+        k_all = torch.cat([x.to(f) for x in keys], 2)  # [B, HKV, N, K]
+        v_all = torch.cat([x.to(f) for x in values], 2)
+        kp, qp = torch.cat(k_pos, 1), pos[:, None]  # [B, N], [B, 1]
+        seen = (kp >= 0) & (kp <= qp) & ((qp - kp <= window) | (kp < n_sinks))
+        q = q_rope[:, :, 0].to(f).view(B, HKV, G, K)
+        scores = torch.einsum("bhgk,bhnk->bhgn", q, k_all) * scale
+        p = torch.softmax(scores.masked_fill(~seen[:, None, None], float("-inf")), -1).nan_to_num(0.0)
+        o += (1.0 - mix) * (p @ v_all)
+
+    rows = torch.arange(B, device=v.device)
+    with torch.no_grad():
+        if win_k is not None:
+            slot = pos.clamp_min(0) % win_k.shape[2]
+            win_k[rows, :, slot] = torch.where(valid[:, None, None], k_new, win_k[rows, :, slot])
+            win_v[rows, :, slot] = torch.where(valid[:, None, None], v_kept, win_v[rows, :, slot])
+            win_pos[rows, slot] = torch.where(valid, pos, win_pos[rows, slot])
+        if sink_k is not None:
+            slot, into = pos.clamp(0, n_sinks - 1), valid & (pos < n_sinks)
+            sink_k[rows, :, slot] = torch.where(into[:, None, None], k_new, sink_k[rows, :, slot])
+            sink_v[rows, :, slot] = torch.where(into[:, None, None], v_kept, sink_v[rows, :, slot])
+            sink_pos[rows, slot] = torch.where(into, pos, sink_pos[rows, slot])
+    return o.reshape(B, HQ, 1, V).to(v.dtype)
