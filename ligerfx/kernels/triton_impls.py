@@ -13,7 +13,7 @@ interpreter (``TRITON_INTERPRET=1`` must be set before ``triton`` is imported; f
 
 Dispatch: ``gla_fwd`` runs the fused recurrent kernel for ``T <= recurrent.MAX_T`` (decode), the chunk kernels
 otherwise; the backward pass is always chunked. ``liger_fwd`` is the fused Liger forward (``liger/fused.py``: chunk states, then one chunk-parallel output kernel); ``liger_bwd``
-composes the GLA and window backward kernels.
+composes the GLA and window backward kernels. ``liger_decode_`` is the fused decode step (``liger/decode.py``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 
 from .. import ops
 from .gla import chunk, recurrent
-from .liger import fused
+from .liger import decode, fused
 from .swa import window
 from .utils import interpreting
 
@@ -54,6 +54,7 @@ IMPLS = {
     "swa_bwd": _on_device(window.swa_bwd),
     "liger_fwd": _on_device(fused.liger_fwd),
     "liger_bwd": _on_device(fused.liger_bwd),
+    "liger_decode_": _on_device(decode.liger_decode),
 }
 
 
