@@ -1,0 +1,238 @@
+"""The fused decode step (``ligerfx::liger_decode_``): its naive twin against the branch-by-branch path of
+``ligerfx/liger.py`` (``cache.window_keys`` + ``ops.swa_fwd`` + ``ops.gla_fwd`` + ``cache.advance``) over many
+steps, the Triton kernel (CPU interpreter, fp32 and fp16) against the naive twin, buffers included, and opcheck.
+
+The step sequences cross every ring regime: a fresh cache, ``seen`` below and above the window (the slot written
+holds the oldest visible token), the sink slots filling, and a row that gets padding tokens in the middle.
+"""
+import os
+
+import pytest
+import torch
+
+import ligerfx
+from ligerfx import liger
+from ligerfx.cache import LigerLayer
+from ligerfx.config import LigerConfig
+from ligerfx.kernels.liger import naive
+from models import left_padded, tiny
+from reference import rel
+
+W = 8
+BUFFERS = ("state", "win_k", "win_v", "win_pos", "sink_k", "sink_v", "sink_pos", "seen", "length")
+CONFIGS = {
+    "gla": dict(window=W),
+    "gla_sinks": dict(window=W, sinks=4),
+    "swa_sinks": dict(window=W, variant="swa_sinks"),  # no recurrent branch, 4 sinks
+    "pure_gla": dict(window=W, mix=1.0),  # no window branch, no ring
+}
+
+
+def step_inputs(B, HKV, G, T, K, V, dtype=torch.float32):
+    return dict(q_pre=torch.randn(B, HKV * G, T, K, dtype=dtype) * 2,
+                k_pre=torch.randn(B, HKV, T, K, dtype=dtype) * 2, v=torch.randn(B, HKV, T, V, dtype=dtype),
+                gate_src=torch.randn(B, HKV, T, K, dtype=dtype), q_rope=torch.randn(B, HKV * G, T, K, dtype=dtype),
+                k_rope=torch.randn(B, HKV, T, K, dtype=dtype))
+
+
+def attend(cfg, layer, x, valid, fused: bool, monkeypatch):
+    monkeypatch.setattr(liger, "FUSED_DECODE", fused)
+    with torch.no_grad():
+        return liger.liger_attention(*x.values(), scale=0.3, cfg=cfg, valid=valid, cache=layer)
+
+
+def new_layer(cfg):
+    return LigerLayer(cfg.window, cfg.n_sinks, recurrent=cfg.recurrent_weight > 0, windowed=cfg.recurrent_weight < 1)
+
+
+def assert_same_layer(a: LigerLayer, b: LigerLayer, tol=1e-5):
+    for name in BUFFERS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is None:
+            continue
+        if x.is_floating_point():
+            assert rel(x, y) < tol, name
+        else:
+            assert torch.equal(x, y), name
+    assert a._fresh == b._fresh and a.cumulative_length == b.cumulative_length
+
+
+@pytest.mark.parametrize("prefill", [0, 3, 11])
+@pytest.mark.parametrize("G", [1, 2, 4])
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+def test_naive_decode_equals_branch_by_branch_path(cfg, G, prefill, monkeypatch):
+    """Two caches fed the same prefill and 14 decode steps, one through the fused op (naive twin: the CPU default),
+    one through the old path: same outputs, same buffers and counters after every step. Row 1 gets padding tokens
+    in the middle (steps 2, 5, 6); the states are randomised after the prefill."""
+    cfg = LigerConfig(**CONFIGS[cfg])
+    B, HKV, K, V = 3, 2, 12, 10
+    old, new = new_layer(cfg), new_layer(cfg)
+    if prefill:
+        x = step_inputs(B, HKV, G, prefill, K, V)
+        valid = torch.ones(B, prefill, dtype=torch.bool)
+        valid[2, :2] = False  # a left-padded row
+        for layer in (old, new):
+            attend(cfg, layer, x, valid, False, monkeypatch)
+        if old.state is not None:
+            old.state.normal_()
+            new.state.copy_(old.state)
+    for step in range(14):
+        x = step_inputs(B, HKV, G, 1, K, V)
+        valid = None
+        if step in (2, 5, 6):
+            valid = torch.ones(B, 1, dtype=torch.bool)
+            valid[1] = False
+        o_old = attend(cfg, old, x, valid, False, monkeypatch)
+        o_new = attend(cfg, new, x, valid, True, monkeypatch)
+        assert o_new.shape == o_old.shape and o_new.dtype == o_old.dtype
+        assert rel(o_new, o_old) < 1e-5, step
+        assert_same_layer(new, old)
+    assert new.seen.tolist() == [prefill + 14, prefill + 11, max(prefill - 2, 0) + 14]
+
+
+def test_fused_op_is_what_decode_runs(monkeypatch):
+    """Decode steps of a linearized model call the fused op once per layer; a prefill, autograd or
+    ``FUSED_DECODE = False`` (``LIGERFX_FUSED_DECODE=0``) take the branch-by-branch path."""
+    calls = []
+    op = liger.ops.liger_decode_
+    monkeypatch.setattr(liger.ops, "liger_decode_", lambda *a: calls.append(1) or op(*a))
+    model = ligerfx.transform(tiny("llama"), config=LigerConfig(window=W, sinks=1))
+    ids, mask, _ = left_padded(T=10, pad=(0, 3))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert len(calls) == 5 * 2  # 5 decode steps x 2 layers
+    monkeypatch.setattr(liger, "FUSED_DECODE", False)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert len(calls) == 10 and torch.equal(out, ref)
+    monkeypatch.setattr(liger, "FUSED_DECODE", True)
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    model(ids, attention_mask=mask, cache=cache, use_cache=True)
+    model(ids[:, :1], cache=cache, use_cache=True)  # grad enabled: old path
+    assert len(calls) == 10
+
+
+def test_env_knob_is_read_at_import():
+    import subprocess
+    import sys
+    code = "import ligerfx.liger as l; print(l.FUSED_DECODE)"
+    env = dict(os.environ, LIGERFX_FUSED_DECODE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------------- op-level inputs
+NAMES = ("q_pre", "k_pre", "v", "gate_src", "q_rope", "k_rope", "pos", "state", "win_k", "win_v", "win_pos",
+         "sink_k", "sink_v", "sink_pos")
+MUTATED = ("state", "win_k", "win_v", "win_pos", "sink_k", "sink_v", "sink_pos")
+
+
+def op_inputs(B=3, HKV=2, G=2, K=16, V=16, W=W, S=4, seen=(3, 13, 0), pad=(False, False, True), recurrent=True,
+              dtype=torch.float32, strided=False):
+    """One step's inputs on random buffers: ring positions as a cache holds them after ``seen`` tokens (the
+    latest token p < seen with p % W == slot), sink slot s holding token s once seen > s; row 2 is padding."""
+    x = step_inputs(B, HKV, G, 1, K, V, dtype)
+    if strided:  # heads not outermost, as the permuted projections the pass hands over
+        x = {n: t.transpose(1, 2).contiguous().transpose(1, 2) for n, t in x.items()}
+    seen = torch.tensor(seen)
+    x["pos"] = seen.masked_fill(torch.tensor(pad), -1)[:, None]
+    x["state"] = torch.randn(B, HKV, K, V) if recurrent else None
+    x.update(win_k=None, win_v=None, win_pos=None, sink_k=None, sink_v=None, sink_pos=None)
+    if W:
+        last = seen[:, None] - 1
+        held = last - torch.remainder(last - torch.arange(W), W)
+        x.update(win_k=torch.randn(B, HKV, W, K, dtype=dtype), win_v=torch.randn(B, HKV, W, V, dtype=dtype),
+                 win_pos=held.masked_fill(held < 0, -1))
+    if S:
+        sp = torch.arange(S).expand(B, S)
+        x.update(sink_k=torch.randn(B, HKV, S, K, dtype=dtype), sink_v=torch.randn(B, HKV, S, V, dtype=dtype),
+                 sink_pos=sp.masked_fill(sp >= seen[:, None], -1))
+    return x
+
+
+def call(fn, x, mix=0.5, window=W):
+    y = {n: None if t is None else t.clone() for n, t in x.items()}
+    o = fn(*(y[n] for n in NAMES), 0.3, window, mix, 16.0)
+    return o, y
+
+
+def test_naive_decode_padding_row_changes_nothing():
+    x = op_inputs()
+    o, y = call(naive.liger_decode, x)
+    for n in MUTATED:
+        assert torch.equal(y[n][2], x[n][2]), n  # row 2 is padding
+        assert not torch.equal(y[n][0], x[n][0]), n  # row 0 (pos 3 < 4 sinks) writes every buffer
+    assert not torch.isnan(o).any()
+
+
+def test_opcheck():
+    x = op_inputs()
+    torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default, (*(x[n] for n in NAMES), 0.3, W, 0.5, 16.0))
+    x = op_inputs(recurrent=False, S=0)
+    torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default, (*(x[n] for n in NAMES), 0.3, W, 0.0, 16.0))
+
+
+# ------------------------------------------------------------------------------------------- Triton interpreter
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+
+def check_kernel(x, mix=0.5, window=W):
+    from ligerfx.kernels.liger import decode
+    o, y = call(decode.liger_decode, x, mix, window)
+    x32 = {n: t.float() if t is not None and t.is_floating_point() and n not in MUTATED else t for n, t in x.items()}
+    o_ref, y_ref = call(naive.liger_decode, x32, mix, window)
+    tol = 1e-5 if x["v"].dtype == torch.float32 else 2e-3
+    assert o.dtype == x["v"].dtype and o.shape == o_ref.shape
+    assert rel(o, o_ref) < tol
+    for n in MUTATED:
+        if y[n] is None:
+            continue
+        if n == "state":
+            assert rel(y[n], y_ref[n]) < 1e-5
+        else:  # copies of the token (in the buffers' dtype) or positions: exact
+            assert torch.equal(y[n], y_ref[n]), n
+
+
+@interpreter
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("G,K,V,S", [(1, 16, 16, 0), (2, 32, 32, 4), (4, 16, 32, 1), (2, 12, 20, 4)])
+def test_triton_decode_matches_naive(G, K, V, S, dtype):
+    check_kernel(op_inputs(G=G, K=K, V=V, S=S, dtype=dtype))
+
+
+@interpreter
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("case", ["swa_sinks", "pure_gla", "no_ring", "strided", "window_beyond_ring"])
+def test_triton_decode_variants(case):
+    if case == "swa_sinks":
+        check_kernel(op_inputs(recurrent=False), mix=0.0)
+    elif case == "pure_gla":
+        check_kernel(op_inputs(W=0, S=0), mix=1.0)
+    elif case == "no_ring":  # window 0: the window branch sees the sinks and the token itself
+        check_kernel(op_inputs(W=0, S=2), window=0)
+    elif case == "strided":
+        check_kernel(op_inputs(strided=True, G=4))
+    else:  # visibility by position, not by slot: a window narrower than the ring hides its oldest slots
+        check_kernel(op_inputs(seen=(20, 13, 9), pad=(False, False, False)), window=3)
+
+
+@interpreter
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("cfg", ["gla_sinks", "swa_sinks"])
+def test_triton_decode_steps_equal_naive_steps(cfg, monkeypatch):
+    """12 steps through ``liger_attention``: the Triton kernel (interpreter) and the naive twin keep the same
+    cache (the writes of step t are the reads of step t + 1)."""
+    from ligerfx.kernels import triton_impls
+    cfg = LigerConfig(**CONFIGS[cfg])
+    a, b = new_layer(cfg), new_layer(cfg)
+    for step in range(12):
+        x = step_inputs(2, 2, 2, 1, 16, 16)
+        valid = torch.tensor([[True], [step % 5 != 2]])
+        o_ref = attend(cfg, a, x, valid, True, monkeypatch)
+        with triton_impls.on_cpu():
+            o = attend(cfg, b, x, valid, True, monkeypatch)
+        assert rel(o, o_ref) < 1e-5, step
+        assert_same_layer(b, a)
