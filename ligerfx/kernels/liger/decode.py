@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import autotune, warps_stages
+from ..utils import interpreting
 
 
 @triton.jit
@@ -70,8 +70,6 @@ def _window_values(b_p, p_v, o_v, m_v, o_g, N: tl.constexpr, BN: tl.constexpr, G
     return b_o
 
 
-@autotune(configs=warps_stages(warps=(2, 4, 8), stages=(1,)), key=["G", "K", "V", "W", "S", "BV"],
-          default=lambda kw: triton.Config({}, num_warps=4, num_stages=1))
 @triton.jit
 def liger_decode_kernel(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k,
                         sink_v, sink_pos, o, s_qp_b, s_qp_h, s_kp_b, s_kp_h, s_v_b, s_v_h, s_g_b, s_g_h, s_qr_b,
@@ -237,6 +235,8 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
     BK = max(16, triton.next_power_of_2(K))
     BV = min(max(16, triton.next_power_of_2(V)), 32 if BK > 128 else 64)
     none = o  # any pointer for the buffers a variant does not have (never dereferenced)
+    # a fixed launch config, never autotuned: a tuner re-runs the launch, and the kernel updates its buffers in place
+    launch = {} if interpreting() else dict(num_warps=4, num_stages=1)
     liger_decode_kernel[(B * HKV,)](
         q_pre=q_pre, k_pre=k_pre, v=v, gate_src=gate_src, q_rope=q_rope, k_rope=k_rope, pos=pos,
         state=none if state is None else state, win_k=none if W == 0 else win_k, win_v=none if W == 0 else win_v,
@@ -246,7 +246,7 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
         s_kr_h=s_kr_h, scale=float(scale), window=int(window), mix=float(mix), inv_norm=1.0 / float(gate_normalizer),
         HKV=HKV, G=G, K=K, V=V, W=W, S=S, BG=triton.next_power_of_2(G), BK=BK, BV=BV,
         BW=max(1, triton.next_power_of_2(W)), BS=max(1, triton.next_power_of_2(S)),
-        RECURRENT=state is not None, WINDOWED=mix < 1)
+        RECURRENT=state is not None, WINDOWED=mix < 1, **launch)
     if W > 0 or S > 0:
         liger_decode_kernel_pos[(B,)](pos=pos, win_pos=pos if W == 0 else win_pos,
                                       sink_pos=pos if S == 0 else sink_pos, W=W, S=S)
