@@ -1,7 +1,9 @@
 """The ``ligerfx::`` custom ops: the interface between the passes and the kernels.
 
 Each op is a ``torch.library.custom_op`` with a fake (meta) implementation, so ``torch.compile`` and
-``torch.export`` see through it without running it, and an autograd formula whose backward is its own op.
+``torch.export`` see through it without running it, and an autograd formula whose backward is its own op (except
+the inference-only decode step ``liger_decode_``, which instead declares the cache buffers it updates in place in
+``mutates_args``, so functionalisation and dead-code elimination keep the writes).
 The default implementation is the plain-PyTorch reference in ``ligerfx/kernels/*/naive.py``; device kernels
 (Triton) register themselves with ``register_impl(op_name, device, fn)`` and are picked at call time.
 

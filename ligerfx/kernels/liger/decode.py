@@ -234,9 +234,11 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
     o = v.new_empty(B, HQ, 1, V)
     BK = max(16, triton.next_power_of_2(K))
     BV = min(max(16, triton.next_power_of_2(V)), 32 if BK > 128 else 64)
+    BW, BS = max(1, triton.next_power_of_2(W)), max(1, triton.next_power_of_2(S))
     none = o  # any pointer for the buffers a variant does not have (never dereferenced)
-    # a fixed launch config, never autotuned: a tuner re-runs the launch, and the kernel updates its buffers in place
-    launch = {} if interpreting() else dict(num_warps=4, num_stages=1)
+    # a fixed launch config, never autotuned: a tuner re-runs the launch, and the kernel updates its buffers in place.
+    # 8 warps at K = 256 so the [W, K] fp32 ring-key tile stays at 64 registers a thread (not yet timed on a card)
+    launch = {} if interpreting() else dict(num_warps=8 if BK * max(BW, 16) > 8192 else 4, num_stages=1)
     liger_decode_kernel[(B * HKV,)](
         q_pre=q_pre, k_pre=k_pre, v=v, gate_src=gate_src, q_rope=q_rope, k_rope=k_rope, pos=pos,
         state=none if state is None else state, win_k=none if W == 0 else win_k, win_v=none if W == 0 else win_v,
@@ -244,8 +246,7 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
         sink_pos=pos if S == 0 else sink_pos, o=o, s_qp_b=s_qp_b, s_qp_h=s_qp_h, s_kp_b=s_kp_b, s_kp_h=s_kp_h,
         s_v_b=s_v_b, s_v_h=s_v_h, s_g_b=s_g_b, s_g_h=s_g_h, s_qr_b=s_qr_b, s_qr_h=s_qr_h, s_kr_b=s_kr_b,
         s_kr_h=s_kr_h, scale=float(scale), window=int(window), mix=float(mix), inv_norm=1.0 / float(gate_normalizer),
-        HKV=HKV, G=G, K=K, V=V, W=W, S=S, BG=triton.next_power_of_2(G), BK=BK, BV=BV,
-        BW=max(1, triton.next_power_of_2(W)), BS=max(1, triton.next_power_of_2(S)),
+        HKV=HKV, G=G, K=K, V=V, W=W, S=S, BG=triton.next_power_of_2(G), BK=BK, BV=BV, BW=BW, BS=BS,
         RECURRENT=state is not None, WINDOWED=mix < 1, **launch)
     if W > 0 or S > 0:
         liger_decode_kernel_pos[(B,)](pos=pos, win_pos=pos if W == 0 else win_pos,
