@@ -37,7 +37,8 @@ def buffers(B, HKV, K, V, W, S, seen, dtype, recurrent):
     last = seen[:, None] - 1
     held = last - torch.remainder(last - torch.arange(W, device=DEV), W)
     x = dict(state=torch.randn(B, HKV, K, V, device=DEV) if recurrent else None,
-             win_k=torch.randn(B, HKV, W, K, device=DEV).to(dtype), win_v=torch.randn(B, HKV, W, V, device=DEV).to(dtype),
+             win_k=torch.randn(B, HKV, W, K, device=DEV).to(dtype),
+             win_v=torch.randn(B, HKV, W, V, device=DEV).to(dtype),
              win_pos=held.masked_fill(held < 0, -1), sink_k=None, sink_v=None, sink_pos=None)
     if S:
         sp = torch.arange(S, device=DEV).expand(B, S)
