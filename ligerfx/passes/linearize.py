@@ -80,7 +80,9 @@ def liger_site(q_pre, k_pre, v, gate, q_rope, k_rope, ctx: _Ctx):
         return F.scaled_dot_product_attention(q_rope, k_rope, v, is_causal=True, scale=info.scale,
                                               enable_gqa=q_rope.shape[1] != k_rope.shape[1])
     B, _, T, _ = q_rope.shape
-    valid = token_validity(ctx.mask, B, T)
+    # a decode step (one token onto a cache) takes the mask as it is: the all-valid shortcut would cost a host sync
+    # per layer and token, stalling the launch queue of eager generation, and saves nothing at T == 1
+    valid = token_validity(ctx.mask, B, T, shortcut=not (T == 1 and ctx.cache is not None))
     layer = None
     if ctx.cache is not None:
         layer = liger_layer(ctx.cache, ctx.lin.layer_idx, cfg)
