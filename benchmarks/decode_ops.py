@@ -9,6 +9,8 @@ on an H200). This script counts, for one decode step after a prefill of ``--cont
 
 * ``eager_ops``: top-level dispatcher calls (``aten::*`` and ``ligerfx::*`` events without a parent in
   ``torch.profiler``) of the eager step; each is at least one kernel launch on a GPU;
+* ``eager_host_syncs``: device-to-host reads in the eager step (``item``/``is_nonzero``/``nonzero``): each stalls the
+  launch queue on a GPU;
 * ``compiled_kernels``: kernels Inductor generates for the decode graph (``torch._inductor.metrics.
   generated_kernel_count``, CPU backend; the CUDA backend fuses the same way, so the count is a proxy) plus the
   ``ligerfx::`` custom-op calls that run in it (``compiled_custom_ops``, counted by the profiler at run time);
@@ -44,8 +46,11 @@ def build(layers: int):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
 
-def top_level_ops(fn) -> tuple[int, int]:
-    """(top-level aten/ligerfx calls, ligerfx calls at any depth) of one call of ``fn``."""
+SYNCS = ("aten::is_nonzero", "aten::item", "aten::_local_scalar_dense", "aten::nonzero")
+
+
+def top_level_ops(fn) -> tuple[int, int, int]:
+    """(top-level aten/ligerfx calls, ligerfx calls at any depth, device->host reads) of one call of ``fn``."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -53,7 +58,7 @@ def top_level_ops(fn) -> tuple[int, int]:
     events = prof.events()
     top = [e for e in events if e.cpu_parent is None and e.name.startswith(("aten::", "ligerfx::"))]
     custom = [e for e in events if e.name.startswith("ligerfx::")]
-    return len(top), len(custom)
+    return len(top), len(custom), sum(e.name in SYNCS for e in events)
 
 
 def measure(variant: str, layers: int, context: int, compile_: bool) -> dict:
@@ -78,7 +83,7 @@ def measure(variant: str, layers: int, context: int, compile_: bool) -> dict:
 
     step()  # one warm step (lazy buffers)
     row = dict(variant=variant, layers=layers, context=context)
-    row["eager_ops"], row["eager_custom_ops"] = top_level_ops(step)
+    row["eager_ops"], row["eager_custom_ops"], row["eager_host_syncs"] = top_level_ops(step)
     if compile_:
         from torch._inductor import metrics
 
@@ -94,7 +99,7 @@ def measure(variant: str, layers: int, context: int, compile_: bool) -> dict:
         cstep()
         row["compiled_kernels"] = metrics.generated_kernel_count
         cstep()
-        _, row["compiled_custom_ops"] = top_level_ops(cstep)
+        _, row["compiled_custom_ops"], _ = top_level_ops(cstep)
     return row
 
 
@@ -135,10 +140,11 @@ def main():
                 r[f"{k}_extra_per_layer"] = round((r[k] - base[k]) / r["layers"], 2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(torch=torch.__version__, device="cpu", rows=rows), indent=1) + "\n")
-    print(f"\n| variant | eager ops / step | extra per layer | compiled kernels | extra per layer | ligerfx ops in "
-          f"compiled step |\n|---|---:|---:|---:|---:|---:|")
+    print(f"\n| variant | eager ops / step | extra per layer | host syncs | compiled kernels | extra per layer | "
+          f"ligerfx ops in compiled step |\n|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['variant']} | {r['eager_ops']} | {r.get('eager_ops_extra_per_layer', '-')} | "
+              f"{r['eager_host_syncs']} | "
               f"{r.get('compiled_kernels', '-')} | {r.get('compiled_kernels_extra_per_layer', '-')} | "
               f"{r.get('compiled_custom_ops', '-')} |")
     print("wrote", args.out)

@@ -49,4 +49,5 @@ def test_decode_ops_counts(tmp_path):
     t, l = rows["teacher"], rows["ligerfx"]
     assert t["eager_custom_ops"] == 0 and l["eager_custom_ops"] >= l["layers"]  # a ligerfx op per linearized layer
     assert l["eager_ops_extra_per_layer"] == (l["eager_ops"] - t["eager_ops"]) / l["layers"]
+    assert l["eager_host_syncs"] == 0  # a decode step reads nothing back to the host
     assert "| ligerfx |" in res.stdout
