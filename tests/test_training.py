@@ -254,3 +254,59 @@ def test_blockwise_distill_kl_equals_one_block(monkeypatch):
         assert abs(kl.item() - ref64.item()) <= 1e-5 * abs(ref64.item())
         assert torch.allclose(s.grad.double(), g64.double(), atol=1e-6)
     assert torch.allclose(out[1000][1], out[7][1], atol=1e-6)
+
+
+def test_time_limit_stops_on_a_resumable_checkpoint(workdir, tmp_path):
+    """--time-limit stops before a step would cross it (here: right after the first step, whose duration is the
+    first estimate), on a checkpoint that --resume continues to the same curve as an uninterrupted run."""
+    budget = str(5 * 2 * 48)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train(workdir, full, "--max-tokens", budget) == 0
+    assert train(workdir, cut, "--max-tokens", budget, "--time-limit", "0.001") == 0
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["steps"] == 1 and not summary["finished"] and summary["stopped"].startswith("time limit")
+    ckpt = cut / "checkpoint-0000001"
+    assert json.loads((ckpt / "ligerfx_config.json").read_text())["window"] == 64  # eval --adapter <ckpt> works
+    assert not (cut / ADAPTER_WEIGHTS).exists()
+    assert train(workdir, cut, "--max-tokens", budget, "--resume") == 0
+    a, b = losses(full), losses(cut)
+    assert len(a) == len(b) == 5 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+
+
+@pytest.mark.parametrize("text,seconds", [("540", 540), ("9m", 540), ("1.5h", 5400), ("20s", 20)])
+def test_parse_duration(text, seconds):
+    assert cli.parse_duration(text) == seconds
+
+
+def test_parse_duration_rejects():
+    import argparse
+
+    for bad in ("soon", "-5", "0", "5d"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.parse_duration(bad)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(workdir, tmp_path):
+    """SIGTERM (what schedulers and `timeout` send) mid-run: the current step finishes, a checkpoint of exactly the
+    logged steps is written, the exit code is 128 + 15."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ligerfx.training.cli", "--model", workdir["model"], "--data", workdir["data"],
+           "-o", str(out), "--seq-len", "48", "--batch-size", "2", "--micro-batch-size", "1", "--lr", "1e-3",
+           "--max-tokens", str(100000 * 2 * 48), "--save-every", "0", "--val-samples", "0", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    steps = len(read_log(log))
+    assert summary["stopped"] == "signal SIGTERM" and summary["steps"] == steps >= 3
+    assert (out / f"checkpoint-{steps:07d}" / ADAPTER_WEIGHTS).is_file()

@@ -42,6 +42,19 @@ def _count(text: str) -> str:
     return text
 
 
+def parse_duration(text: str) -> float:
+    """Seconds from ``"540"``, ``"540s"``, ``"9m"``, ``"1.5h"``."""
+    t = str(text).strip().lower()
+    unit = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if unit else t) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds or a number with s/m/h, e.g. 540, 9m, 1.5h")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True,
@@ -107,6 +120,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint of --output-dir (or the given checkpoint folder)")
     g.add_argument("--overwrite", action="store_true", help="start afresh in a run folder that has checkpoints")
+    g.add_argument("--time-limit", type=parse_duration, default=None, metavar="DURATION",
+                   help="stop cleanly before this much wall time (540, 9m, 1.5h; counted from the start of the "
+                        "command, setup included): the step that would cross it is not started, a checkpoint is "
+                        "written and --resume continues. SIGTERM/SIGINT stop the same way after the current step.")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     g.add_argument("--quiet", action="store_true", help="no progress or log lines on stderr")
 
@@ -121,7 +138,10 @@ def run(args) -> int:
     except DataError as e:
         print(f"ligerfx train: {e}", file=sys.stderr)
         return 2
-    return 0 if summary is not None else 1
+    if summary is None:
+        return 1
+    sig = summary.get("stopped_by_signal")
+    return 128 + sig if sig else 0  # a time-limit stop is a planned stop: 0
 
 
 def main(argv=None) -> int:

@@ -405,8 +405,10 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, info: DistInfo, keep: int) -> Path:
-    """Write ``checkpoint-<step>/`` atomically: every rank adds its RNG state to a temporary folder, rank 0 renames."""
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, info: DistInfo, keep: int,
+                    liger_config: Optional[dict] = None) -> Path:
+    """Write ``checkpoint-<step>/`` atomically: every rank adds its RNG state to a temporary folder, rank 0 renames.
+    ``liger_config`` goes beside the adapter as ``ligerfx_config.json`` (what ``ligerfx eval --adapter`` reads)."""
     final = run_dir / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
     tmp = run_dir / f".{final.name}.tmp"
     if info.main:
@@ -417,6 +419,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, inf
     torch.save(_rng_state(), tmp / f"rng_rank{info.rank}.pt")
     if info.main:
         save_adapter(model, tmp)
+        if liger_config is not None:
+            (tmp / "ligerfx_config.json").write_text(json.dumps(liger_config, indent=2) + "\n")
         torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    tmp / "trainer_state.pt")
     _barrier(info)
@@ -566,17 +570,60 @@ def read_log(path) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
 
+class StopRequest:
+    """SIGTERM/SIGINT and ``--time-limit`` turned into a flag the training loop checks between steps (all ranks agree
+    through an all-reduce), so a stopped run always ends on a resumable checkpoint."""
+
+    def __init__(self, time_limit: Optional[float], t0: float):
+        self.time_limit, self.t0 = time_limit, t0
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def reason(self, step_seconds: Optional[float], save_seconds: float) -> Optional[str]:
+        """Why to stop before the next step (None: go on). The time limit keeps room for one more step and a save."""
+        if self.signum is not None:
+            import signal
+
+            return f"signal {signal.Signals(self.signum).name}"
+        if self.time_limit is not None and step_seconds is not None:
+            if time.time() - self.t0 + step_seconds + save_seconds > self.time_limit:
+                return f"time limit {self.time_limit:g}s"
+        return None
+
+
 def train(args) -> dict:
     """Run (or resume) a training run described by the parsed CLI ``args``; return a summary dict."""
+    t0 = time.time()
     info = setup_distributed(args.device)
     try:
-        return _train(args, info)
+        with StopRequest(getattr(args, "time_limit", None), t0) as stop:
+            return _train(args, info, stop)
     finally:
         if info.ddp and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(args, info: DistInfo) -> dict:
+def _train(args, info: DistInfo, stop: Optional[StopRequest] = None) -> dict:
     def log(msg: str) -> None:
         if info.main and not args.quiet:
             print(msg, file=sys.stderr, flush=True)
@@ -673,7 +720,14 @@ def _train(args, info: DistInfo) -> dict:
     step_tps = None
     step = start_step
     summary_loss = None
+    stopped, save_s, step_s = None, 0.0, None
     while step < stop_step:
+        if stop is not None:
+            why = stop.reason(step_s, save_s)
+            (n_stop,) = _all_reduce([1.0 if why else 0.0], info)
+            if n_stop > 0:
+                stopped = why or "another rank stopped"
+                break
         t0 = time.time()
         base = step * G + info.rank * per_rank
         micro = [list(range(base + j * args.micro_batch_size, base + (j + 1) * args.micro_batch_size))
@@ -705,6 +759,7 @@ def _train(args, info: DistInfo) -> dict:
         loss_mean = ce_mean + (args.distill_weight * kl_mean if args.distill else 0.0)
         tokens_seen += G * args.seq_len
         dt = time.time() - t0
+        step_s = dt if step_s is None else max(dt, 0.9 * step_s + 0.1 * dt)
         tps = G * args.seq_len / max(dt, 1e-9)
         step_tps = tps if step_tps is None else 0.9 * step_tps + 0.1 * tps
 
@@ -728,16 +783,28 @@ def _train(args, info: DistInfo) -> dict:
         if not math.isfinite(loss_mean):
             raise FloatingPointError(f"step {step}: loss is {loss_mean}; stopping (last checkpoint kept)")
         if (args.save_every and step % args.save_every == 0) or step == stop_step:
+            t_save = time.time()
             state = {"step": step, "tokens": tokens_seen, "chunks_consumed": step * G, "total_steps": total_steps}
-            save_checkpoint(run_dir, bare, optimizer, scheduler, state, info, keep=args.keep_checkpoints)
+            save_checkpoint(run_dir, bare, optimizer, scheduler, state, info, keep=args.keep_checkpoints,
+                            liger_config=liger_cfg.to_dict())
             runlog.plot()
+            save_s = max(save_s, time.time() - t_save)
 
+    if stopped is not None and step > start_step and latest_checkpoint(run_dir) != \
+            run_dir / f"{CHECKPOINT_PREFIX}{step:07d}":
+        state = {"step": step, "tokens": tokens_seen, "chunks_consumed": step * G, "total_steps": total_steps}
+        save_checkpoint(run_dir, bare, optimizer, scheduler, state, info, keep=args.keep_checkpoints,
+                        liger_config=liger_cfg.to_dict())
     if progress is not None:
         progress.close()
     runlog.close()
     finished = step >= total_steps
     summary = {"steps": step, "total_steps": total_steps, "tokens": tokens_seen, "final_loss": summary_loss,
                "val_loss": last_val, "finished": finished, "wall_s": round(time.time() - t_start, 1)}
+    if stopped is not None:
+        summary["stopped"] = stopped
+        if stop is not None and stop.signum is not None:
+            summary["stopped_by_signal"] = int(stop.signum)
     if info.device.type == "cuda":
         summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(info.device) / 2**30, 2)
     if info.main:
@@ -746,7 +813,8 @@ def _train(args, info: DistInfo) -> dict:
             _write_text_atomic(run_dir / "ligerfx_config.json", json.dumps(liger_cfg.to_dict(), indent=2) + "\n")
         _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         runlog.plot()
-        log(f"{'finished' if finished else 'stopped'} at step {step}/{total_steps}: loss {summary_loss}, "
+        log(f"{'finished' if finished else 'stopped'} at step {step}/{total_steps}"
+            f"{f' ({stopped}; --resume continues)' if stopped else ''}: loss {summary_loss}, "
             f"val {last_val}; run folder {run_dir}")
     _barrier(info)
     return summary
