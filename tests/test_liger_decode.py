@@ -267,3 +267,13 @@ def test_decode_step_has_no_host_sync(arch, attn, fused, monkeypatch):
     model = ligerfx.transform(teacher, config=LigerConfig(window=W))
     for pad, n in base.items():
         assert syncs(model, pad) <= n, (pad, n)
+
+
+@interpreter
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("HKV,G,K,S,seen", [(1, 4, 256, 4, (70, 2)),    # Gemma-3-270M: 4 query heads on 1 KV head
+                                           (2, 4, 64, 0, (200, 64)),    # Llama-3.2-1B head dim, GQA 4
+                                           (2, 2, 128, 4, (65, 3))])
+def test_triton_decode_model_shapes(HKV, G, K, S, seen):
+    """Real head dims and the real ring (window 64): full register tiles of K = 256, ring wrap, sinks filling."""
+    check_kernel(op_inputs(B=2, HKV=HKV, G=G, K=K, V=K, W=64, S=S, seen=seen, pad=(False, False)), window=64)
