@@ -71,6 +71,18 @@ def _window_values(b_p, p_v, o_v, m_v, o_g, N: tl.constexpr, BN: tl.constexpr, G
 
 
 @triton.jit
+def _store_token(b_x, win, sink, i_bh, b_pos, b_pos_x, o_x, m_x, W: tl.constexpr, S: tl.constexpr,
+                 D: tl.constexpr):
+    """The token's key or value block b_x (columns o_x of D) into ring slot ``pos % W`` and, while ``pos < S``,
+    sink slot ``pos``; m_x masks the columns and padding rows (b_pos_x: the position broadcast to the block)."""
+    if W > 0:
+        tl.store(win + (i_bh * W + tl.maximum(b_pos, 0) % W) * D + o_x, b_x.to(win.dtype.element_ty), mask=m_x)
+    if S > 0:
+        p = sink + (i_bh * S + tl.minimum(tl.maximum(b_pos, 0), S - 1)) * D + o_x
+        tl.store(p, b_x.to(sink.dtype.element_ty), mask=m_x & (b_pos_x < S))
+
+
+@triton.jit
 def liger_decode_kernel(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k,
                         sink_v, sink_pos, o, s_qp_b, s_qp_h, s_kp_b, s_kp_h, s_v_b, s_v_h, s_g_b, s_g_h, s_qr_b,
                         s_qr_h, s_kr_b, s_kr_h, scale, window, mix, inv_norm, HKV,
@@ -175,22 +187,12 @@ def liger_decode_kernel(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, w
     # the token's key and value into its slots, once every warp has read the old ones
     tl.debug_barrier()
     b_kr = tl.load(k_rope + i_b * s_kr_b + i_h * s_kr_h + o_k, mask=m_k, other=0.)
-    if W > 0:
-        p_wk = win_k + (i_bh * W + tl.maximum(b_pos, 0) % W) * K
-        tl.store(p_wk + o_k, b_kr.to(win_k.dtype.element_ty), mask=m_k & m_val_k)
-    if S > 0:
-        p_sk = sink_k + (i_bh * S + tl.minimum(tl.maximum(b_pos, 0), S - 1)) * K
-        tl.store(p_sk + o_k, b_kr.to(sink_k.dtype.element_ty), mask=m_k & m_val_k & (b_pos_k < S))
+    _store_token(b_kr, win_k, sink_k, i_bh, b_pos, b_pos_k, o_k, m_k & m_val_k, W, S, K)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_v = tl.load(v + i_b * s_v_b + i_h * s_v_h + o_v, mask=m_v, other=0.)
-        if W > 0:
-            p_wv = win_v + (i_bh * W + tl.maximum(b_pos, 0) % W) * V
-            tl.store(p_wv + o_v, b_v.to(win_v.dtype.element_ty), mask=m_v & m_val_v)
-        if S > 0:
-            p_sv = sink_v + (i_bh * S + tl.minimum(tl.maximum(b_pos, 0), S - 1)) * V
-            tl.store(p_sv + o_v, b_v.to(sink_v.dtype.element_ty), mask=m_v & m_val_v & (b_pos_v < S))
+        _store_token(b_v, win_v, sink_v, i_bh, b_pos, b_pos_v, o_v, m_v & m_val_v, W, S, V)
 
 
 @triton.jit
