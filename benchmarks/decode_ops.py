@@ -117,7 +117,7 @@ def main():
         return
     import ligerfx.liger as liger_mod
 
-    has_fused = "LIGERFX_FUSED_DECODE" in Path(liger_mod.__file__).read_text()
+    has_fused = hasattr(liger_mod, "FUSED_DECODE")
     rows = []
     for v in args.variants.split(","):
         if v == "ligerfx_fused" and not has_fused:
