@@ -197,3 +197,63 @@ def test_register_is_explicit():
     with triton_impls.on_cpu():
         assert ops._IMPLS["gla_fwd"]["cpu"] is triton_impls.gla_fwd
     assert "cpu" not in ops._IMPLS["gla_fwd"]
+
+
+# ------------------------------------------------------------------------------------------------------- autotuning
+def _bits(t):
+    """NaN-safe content for equality (buffers are NaN-poisoned)."""
+    return torch.nan_to_num(t, nan=7.0) if t.is_floating_point() else t
+
+
+def test_aliased_launch_arguments_are_restored_when_tuning(monkeypatch):
+    """With ``LIGERFX_AUTOTUNE=1`` Triton's tuner times every config on the real arguments. A launch whose input and
+    output are the same buffer (the in-place chunk scans) would read its own output from the second timed run on, so
+    the tuned result would be wrong. Every launch of every kernel (GLA chunk fwd/bwd with and without h0, recurrent,
+    SWA, fused Liger fwd/bwd) is recorded; where two tensor arguments share memory, the kernel's launcher must
+    restore the one written (``autotune(..., restore=[...])``). Aliased arguments none of which the launch changes
+    (the same positions passed as query and key positions) and an argument a ``USE_<NAME>=False`` flag disables
+    are harmless and ignored."""
+    from ligerfx.kernels import utils
+    from ligerfx.kernels.liger import fused
+    from test_liger_fused import call, liger_inputs
+
+    launches = []
+    orig = utils._Launcher.__getitem__
+
+    def record(self, grid):
+        launch = orig(self, grid)
+
+        def run(**kw):
+            before = {n: t.clone() for n, t in kw.items() if isinstance(t, torch.Tensor)}
+            out = launch(**kw)
+            written = {n for n, t in before.items() if not torch.equal(_bits(t), _bits(kw[n]))}
+            launches.append((self, kw, written))
+            return out
+        return run
+
+    monkeypatch.setattr(utils._Launcher, "__getitem__", record)
+    for h0 in (True, False):
+        q, k, v, g, h = gla_inputs(B=1, HKV=2, G=2, T=70, h0=h0)
+        o, hT = chunk.chunk_gla_fwd(q, k, v, g, h)
+        chunk.chunk_gla_bwd(q, k, v, g, h, torch.randn_like(o), torch.randn_like(hT))
+        recurrent.recurrent_gla_fwd(q[:, :, :3], k[:, :, :3], v[:, :, :3], g[:, :, :3], h)
+        x, _ = liger_inputs(T=70, h0=h0, pads=(0, 5))
+        o, hT, lse = call(fused.liger_fwd, x)
+        fused.liger_bwd(*(x[n] for n in ("q_pre", "k_pre", "v", "gate_src", "q_rope", "k_rope", "pos", "h0")), lse,
+                        torch.randn_like(o), torch.randn_like(hT), 0.3, 64, 0.5, 16.0)
+    qs, ks, vs, qp, kp = swa_inputs()
+    o, lse = window.swa_fwd(qs, ks, vs, qp, kp, 0.5, 8, 2)
+    window.swa_bwd(qs, ks, vs, qp, kp, o, lse, torch.randn_like(o), 0.5, 8, 2)
+
+    kernels, aliased = set(), []
+    for launcher, kw, written in launches:
+        kernels.add(launcher.fn.__name__)
+        by_ptr = {}
+        for name, t in kw.items():
+            if isinstance(t, torch.Tensor) and t.numel() and kw.get(f"USE_{name.upper()}", True) is not False:
+                by_ptr.setdefault(t.data_ptr(), []).append(name)
+        for names in by_ptr.values():
+            if len(names) > 1 and set(names) & written and not set(names) & set(launcher.restore):
+                aliased.append((launcher.fn.__name__, names))
+    assert {"gla_kernel_scan", "gla_bwd_kernel_dqk", "swa_fwd_kernel"} <= kernels, kernels
+    assert not aliased, f"in-place launches a tuner would corrupt: {sorted(set(map(str, aliased)))}"

@@ -15,10 +15,13 @@ def interpreting() -> bool:
 class _Launcher:
     """``kernel[grid](**kwargs)`` with launch options from a fixed default or from Triton's autotuner."""
 
-    def __init__(self, fn, configs, key, default):
+    def __init__(self, fn, configs, key, default, restore=None):
         self.fn = fn
         self.default = default or (lambda kw: configs[0])
-        self.tuner = triton.autotune(configs=configs, key=key)(fn)
+        self.restore = tuple(restore or ())
+        # restore_value: the tuner times every config on the real arguments; a kernel that updates a buffer in place
+        # would see its own output as input from the second run on (a wrong result, silently)
+        self.tuner = triton.autotune(configs=configs, key=key, restore_value=list(self.restore) or None)(fn)
 
     def __getitem__(self, grid):
         def launch(**kwargs):
@@ -31,14 +34,17 @@ class _Launcher:
         return launch
 
 
-def autotune(configs, key, default=None):
+def autotune(configs, key, default=None, restore=None):
     """Decorator: launch with ``default(kwargs)`` (a ``triton.Config``; first config if None), or autotune over
     ``configs`` keyed on ``key`` when ``LIGERFX_AUTOTUNE=1``.
+
+    ``restore``: names of the arguments the kernel may read after writing (in-place updates): the tuner saves and
+    restores them around every timed run, so tuning does not change the result.
 
     Off by default: the defaults are tiles checked to compile without register spills, and tuning costs every
     config's compile time at the first call of each shape. Under the interpreter no launch option is passed.
     """
-    return lambda fn: _Launcher(fn, configs, key, default)
+    return lambda fn: _Launcher(fn, configs, key, default, restore)
 
 
 def warps_stages(warps=(4, 8), stages=(1, 2, 3)):
