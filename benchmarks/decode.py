@@ -374,7 +374,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(card=card, device=device.type, dtype=str(dtype).replace("torch.", ""), torch=torch.__version__,
                 transformers=transformers.__version__, compile=args.compile, steps=args.steps, warmup=args.warmup,
-                commit=git_rev())
+                commit=git_rev(), fused_decode=ligerfx.liger.FUSED_DECODE)
     print(f"card: {card}; torch {torch.__version__}; transformers {transformers.__version__}; batch {args.batch}; "
           f"{meta['dtype']}; steps {args.steps} (+{args.warmup} warmup); contexts "
           f"{', '.join(map(ctx_label, contexts))}", flush=True)
