@@ -257,3 +257,80 @@ def test_aliased_launch_arguments_are_restored_when_tuning(monkeypatch):
                 aliased.append((launcher.fn.__name__, names))
     assert {"gla_kernel_scan", "gla_bwd_kernel_dqk", "swa_fwd_kernel"} <= kernels, kernels
     assert not aliased, f"in-place launches a tuner would corrupt: {sorted(set(map(str, aliased)))}"
+
+
+def _recorded_gla_launches(monkeypatch, dtype=torch.float32):
+    """(launcher, kwargs) of every kernel launch of one GLA forward + backward (interpreter)."""
+    from ligerfx.kernels import utils
+
+    launches = []
+    orig = utils._Launcher.__getitem__
+
+    def record(self, grid):
+        launch = orig(self, grid)
+
+        def run(**kw):
+            launches.append((self, dict(kw)))
+            return launch(**kw)
+        return run
+
+    monkeypatch.setattr(utils._Launcher, "__getitem__", record)
+    q, k, v, g, h = (None if x is None else x.to(dtype) for x in gla_inputs(B=1, HKV=2, G=2, T=70))
+    o, hT = chunk.chunk_gla_fwd(q, k, v, g, h.float())
+    chunk.chunk_gla_bwd(q, k, v, g, h.float(), torch.randn_like(o), torch.randn_like(hT))
+    monkeypatch.setattr(utils._Launcher, "__getitem__", orig)
+    return launches
+
+
+def test_tuned_table_round_trip(monkeypatch, tmp_path):
+    """benchmarks/tune_kernels.py's chain without the GPU tuner: the tuner's picks (set by hand on the launchers, keyed
+    by real launches' kwargs) -> collect() -> JSON -> load_table() -> _Launcher.config() returns the pick for the same
+    launch and the kernel's default for a launch with other dtypes; a table from another card or Triton version is
+    ignored; CPU tensors never look a table up."""
+    import json
+    import sys
+
+    import triton
+
+    from ligerfx.kernels import utils
+
+    monkeypatch.setenv("LIGERFX_AUTOTUNE", "0")  # the script sets it to 1 at import; restored after the test
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    sys.modules.pop("tune_kernels", None)
+    import tune_kernels
+
+    launches = _recorded_gla_launches(monkeypatch)
+    assert len(launches) >= 6
+    for launcher in utils.LAUNCHERS.values():
+        monkeypatch.setattr(launcher, "picks", {})
+    picked = {}
+    for i, (launcher, kw) in enumerate(launches):
+        cfg = triton.Config({}, num_warps=2 ** (i % 3), num_stages=1 + i % 4)
+        launcher.picks[launcher.launch_key(kw)] = (cfg, launcher.default(kw))
+        picked[(launcher.name, launcher.launch_key(kw))] = (cfg.num_warps, cfg.num_stages)
+    data = {"card": "Test Card", "triton": triton.__version__, "kernels": tune_kernels.collect()}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(data))
+
+    table = utils.load_table(str(path), "Test Card", triton.__version__)
+    for launcher, kw in launches:
+        cfg = launcher.config(kw, table)
+        assert (cfg.num_warps, cfg.num_stages) == picked[(launcher.name, launcher.launch_key(kw))], launcher.name
+    # fp16 inputs: kernels that see fp16 tensors have other launch keys -> their defaults (the fp32-only ones, e.g.
+    # the state scans, keep the same key and the pick)
+    n_default = 0
+    for launcher, kw in _recorded_gla_launches(monkeypatch, torch.float16):
+        cfg, default = launcher.config(kw, table), launcher.default(kw)
+        want = picked.get((launcher.name, launcher.launch_key(kw)), (default.num_warps, default.num_stages))
+        assert (cfg.num_warps, cfg.num_stages) == want, launcher.name
+        n_default += (launcher.name, launcher.launch_key(kw)) not in picked
+    assert n_default >= 4
+    assert utils.load_table(str(path), "Other Card", triton.__version__) is None
+    assert utils.load_table(str(path), "Test Card", "0.0.0") is None
+    assert utils.tuned_table(torch.device("cpu")) is None
+    # merging keeps old picks of other keys and lets new picks win
+    old = {"gla_kernel_scan": [{"key": [1], "num_warps": 2, "num_stages": 1},
+                               {"key": [2], "num_warps": 2, "num_stages": 1}]}
+    new = {"gla_kernel_scan": [{"key": [2], "num_warps": 8, "num_stages": 3}]}
+    merged = {tuple(e["key"]): e["num_warps"] for e in tune_kernels.merge(old, new)["gla_kernel_scan"]}
+    assert merged == {(1,): 2, (2,): 8}
