@@ -247,6 +247,17 @@ def profile(B, T, D):
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=40))
 
 
+def launch_configs() -> str:
+    """Where the kernels' launch configs come from in this run: the autotuner, a tuned table, or the defaults."""
+    from ligerfx.kernels import utils
+    if os.environ.get("LIGERFX_AUTOTUNE", "0") == "1":
+        return "LIGERFX_AUTOTUNE=1"
+    table = utils.tuned_table(torch.device("cuda"))
+    if table is None:
+        return "defaults"
+    return f"tuned table ({sum(len(v) for v in table.values())} launch keys; LIGERFX_TUNED=0 for the defaults)"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
@@ -279,8 +290,9 @@ def main():
     card_name = torch.cuda.get_device_name()
     card = next((c for c in ("h100", "h200", "a100", "b200", "gb200") if c in card_name.lower()), "gpu")
     bw = copy_bandwidth()
+    launch = launch_configs()
     print(f"card: {card_name}; copy bandwidth {bw / 1e12:.2f} TB/s; triton {triton.__version__}; torch "
-          f"{torch.__version__}; LIGERFX_AUTOTUNE={os.environ.get('LIGERFX_AUTOTUNE', '0')}", flush=True)
+          f"{torch.__version__}; launch configs: {launch}", flush=True)
     if fla:
         print(f"fla {fla_version}: chunk_gla (k, v, g repeated to HQ heads) and parallel_attn (window {WINDOW + 1}) "
               "timed on the same inputs", flush=True)
@@ -339,7 +351,7 @@ def main():
                                      ratio_to_fla=None if f is None else round(t / f, 3),
                                      sdpa_ms=round(ms["sdpa"], 4), hbm_floor_ms=round(floor, 4),
                                      pct_of_floor=round(100 * floor / t, 1), ratio_to_sdpa=round(t / ms["sdpa"], 3),
-                                     card=card_name, fla_version=fla_version))
+                                     card=card_name, fla_version=fla_version, launch=launch))
                 print(f"D={D} T={T} B={B} {mode}: " + "  ".join(f"{op} {t:.3f}" for op, t in ms.items())
                       + "".join(f"  fla_{op} {t:.3f}" for op, t in fla_ms.items())
                       + f"  ({time.time() - t0:.1f}s)", flush=True)
