@@ -47,6 +47,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ligerfx  # noqa: E402
+from ligerfx.liger import FUSED_DECODE  # noqa: E402
 
 LLAMA = {
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -374,7 +375,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(card=card, device=device.type, dtype=str(dtype).replace("torch.", ""), torch=torch.__version__,
                 transformers=transformers.__version__, compile=args.compile, steps=args.steps, warmup=args.warmup,
-                commit=git_rev(), fused_decode=ligerfx.liger.FUSED_DECODE)
+                commit=git_rev(), fused_decode=FUSED_DECODE)
     print(f"card: {card}; torch {torch.__version__}; transformers {transformers.__version__}; batch {args.batch}; "
           f"{meta['dtype']}; steps {args.steps} (+{args.warmup} warmup); contexts "
           f"{', '.join(map(ctx_label, contexts))}", flush=True)

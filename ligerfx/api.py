@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -112,16 +113,30 @@ def _modules(model) -> list[LinearizedAttention]:
     return [m._ligerfx for m in model.modules() if isinstance(getattr(m, "_ligerfx", None), LinearizedAttention)]
 
 
+_TEACHER = threading.local()
+
+
+def in_teacher_mode() -> bool:
+    """True inside a ``teacher_mode`` block (this thread): the ``ligerfx`` torch.compile backend then leaves the
+    softmax attention it captures alone (it is the teacher's, not an untransformed model's to linearize)."""
+    return getattr(_TEACHER, "depth", 0) > 0
+
+
 @contextlib.contextmanager
 def teacher_mode(model):
-    """Run the original softmax attention inside this block (same weights; e.g. for self-distillation)."""
+    """Run the original softmax attention inside this block (same weights; e.g. for self-distillation).
+
+    Works under ``torch.compile(..., backend="ligerfx")`` too: graphs captured inside the block are compiled as they
+    are (softmax attention), and Dynamo guards on the mode, so the student's graph is never reused for the teacher."""
     mods = _modules(model)
     prev = [m.teacher for m in mods]
+    _TEACHER.depth = getattr(_TEACHER, "depth", 0) + 1
     try:
         for m in mods:
             m.teacher = True
         yield model
     finally:
+        _TEACHER.depth -= 1
         for m, p in zip(mods, prev):
             m.teacher = p
 

@@ -6,7 +6,8 @@
 * **Untransformed model, decode graph** (a softmax KV cache as input): refused with a clear error — a recurrent
   state cannot be rebuilt from a KV cache; call ``ligerfx.transform`` first.
 * **Transformed model**: the graph already holds the ``ligerfx::`` custom ops; nothing is rewritten, the graph is
-  lowered around them.
+  lowered around them. Inside ``ligerfx.teacher_mode`` (self-distillation) the captured graph holds the original
+  softmax attention and is lowered as it is (never linearized: it is the teacher).
 
 ``make_backend(inner)`` builds the same backend with another lowering (``"aot_eager"`` for fast CPU tests).
 """
@@ -137,7 +138,12 @@ def make_backend(inner: str = "inductor", config: LigerConfig | None = None):
     config = config or LigerConfig()
 
     def ligerfx_backend(gm: fx.GraphModule, example_inputs, **kwargs):
-        linearize_fx(gm, config)
+        from .api import in_teacher_mode
+
+        if in_teacher_mode():  # a transformed model's teacher forward: its softmax attention stays softmax
+            counters["backend.teacher_graphs"] += 1
+        else:
+            linearize_fx(gm, config)
         if inner == "inductor":
             from torch._inductor.compile_fx import compile_fx
             return compile_fx(gm, example_inputs)

@@ -47,6 +47,33 @@ def test_backend_training_step_matches_eager():
     assert (ga - gb).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_teacher_mode_under_the_backend_gives_the_teacher(arch):
+    """A transformed model compiled with the ligerfx backend, called inside ``teacher_mode`` (as ``ligerfx train
+    --distill --compile`` does), returns the original softmax model's logits, and outside it the linearized
+    model's: the backend must not linearize the teacher's graph, and Dynamo must not reuse one graph for the other.
+    (The backend once linearized the teacher graph too: the KL of a compiled distillation run was 0.)"""
+    model = tiny(arch)
+    teacher_ref = copy.deepcopy(model)
+    ligerfx.transform(model)
+    ids, mask, pos = left_padded(T=40, pad=(0, 5))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=make_backend("aot_eager"))
+    kw = dict(attention_mask=mask, position_ids=pos, use_cache=False)
+    with torch.no_grad():
+        want_teacher = teacher_ref(ids, **kw).logits
+        want_student = model(ids, **kw).logits
+        student_first = compiled(ids, **kw).logits
+        with ligerfx.teacher_mode(model):
+            teacher = compiled(ids, **kw).logits
+        student_again = compiled(ids, **kw).logits
+    assert not _valid_close(want_teacher, want_student, mask, 1e-3)  # the two differ: the test can tell them apart
+    assert _valid_close(teacher, want_teacher, mask, 1e-5)
+    assert _valid_close(student_first, want_student, mask, 1e-5)
+    assert _valid_close(student_again, want_student, mask, 1e-5)
+    assert not ligerfx.api.in_teacher_mode()
+
+
 def test_backend_inductor_registered_by_name():
     model = tiny("llama")
     eager = ligerfx.transform(copy.deepcopy(model))

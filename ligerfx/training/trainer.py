@@ -270,14 +270,17 @@ def _logits(model, input_ids: torch.Tensor, pos: torch.Tensor, keep_arg: bool) -
 
 
 def micro_step_loss(model, bare, input_ids, labels, *, keep_arg: bool, distill: bool, temperature: float,
-                    device: torch.device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE and summed KL over the target tokens of one micro-batch (KL is 0 without ``distill``)."""
+                    device: torch.device, precision: str, teacher=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and summed KL over the target tokens of one micro-batch (KL is 0 without ``distill``).
+
+    ``model`` runs the student forward (``bare``, its DDP wrapper or a compiled one); ``teacher`` (default ``bare``)
+    the teacher forward, called with ``bare`` in teacher mode and its LoRA layers off."""
     pos = _target_positions(labels)
     targets = labels[:, 1:][:, pos]
     if distill:
         teacher_mode = _ligerfx_fn("teacher_mode")
         with torch.no_grad(), teacher_mode(bare), lora_disabled(bare), autocast_context(device, precision):
-            t_logits = _logits(bare, input_ids, pos, keep_arg)
+            t_logits = _logits(bare if teacher is None else teacher, input_ids, pos, keep_arg)
     with autocast_context(device, precision):
         logits = _logits(model, input_ids, pos, keep_arg)
     logits = logits.float()
@@ -702,6 +705,12 @@ def _train(args, info: DistInfo, stop: Optional[StopRequest] = None) -> dict:
     if info.ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             bare, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    teacher = None
+    if getattr(args, "compile", False):
+        # the ligerfx backend on a transformed model: Inductor around the Liger custom ops. Teacher mode and the
+        # disabled LoRA layers are guarded on, so the teacher gets its own graph instead of recompiling the student's.
+        model = torch.compile(model, backend="ligerfx")
+        teacher = torch.compile(bare, backend="ligerfx") if args.distill else None
     # RNG last: everything above is rebuilt identically on resume; the loop continues the saved streams
     if ckpt is not None:
         restore_rng(ckpt, info, args.seed, log)
@@ -741,7 +750,7 @@ def _train(args, info: DistInfo, stop: Optional[StopRequest] = None) -> dict:
             with sync:
                 ce, kl = micro_step_loss(model, bare, ids, labels, keep_arg=keep_arg, distill=args.distill,
                                          temperature=args.distill_temperature, device=info.device,
-                                         precision=precision)
+                                         precision=precision, teacher=teacher)
                 loss = (ce + args.distill_weight * kl) * scale if args.distill else ce * scale
                 loss.backward()
             ce_acc = ce_acc + ce.detach()
