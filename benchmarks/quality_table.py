@@ -3,6 +3,9 @@ and print the markdown table for docs/RESULTS.md.
 
     python benchmarks/quality_table.py docs/results/quality --train-tokens 10993664
 
+Also draws ``--plot`` (default ``docs/results/quality.png``): the variants per task, and every trained recipe in
+``<folder>/recipes/*.json`` as its difference to the sink baseline per task (the target: above it on every task).
+
 ``<folder>/<variant>.json`` hold the six log-likelihood tasks; ``<folder>/checks/<variant>.json`` (optional) the
 WikiText word perplexity and the decode checks (LAMBADA by ``generate()``, decode vs full-forward logits).
 """
@@ -16,12 +19,13 @@ VARIANTS = ["teacher", "ligerfx", "swa_sinks", "gla_untrained", "gla_pure_untrai
 MEAN_TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande"]
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("folder")
     p.add_argument("--train-tokens", type=int, required=True)
     p.add_argument("--out", default="docs/results/quality.json")
-    args = p.parse_args()
+    p.add_argument("--plot", default="docs/results/quality.png", help="PNG path ('' for none)")
+    args = p.parse_args(argv)
     runs = {v: json.loads((Path(args.folder) / f"{v}.json").read_text()) for v in VARIANTS
             if (Path(args.folder) / f"{v}.json").exists()}
     tasks = {t: {v: round(r["tasks"][t][m], 2) for v, r in runs.items() if t in r["tasks"]} for t, m in METRIC.items()}
@@ -71,6 +75,43 @@ def main():
                   + (f"{g['acc_token']:.1f} / {g['acc_word']:.1f} (n={g['n']})" if g else "-") + " | "
                   + (f"{d['max_abs_diff']:.2f} / {d['mean_abs_diff']:.3f} / {d['argmax_agreement']:.2f}" if d else "-")
                   + " |")
+    if args.plot:
+        recipes = {f.stem: json.loads(f.read_text()) for f in sorted((Path(args.folder) / "recipes").glob("*.json"))}
+        plot(tasks, cols, recipes, out, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def plot(tasks: dict, cols: list, recipes: dict, out: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(METRIC)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(15, 5.2), gridspec_kw={"width_ratios": [1.15, 1]})
+    w = 0.8 / len(cols)
+    for i, v in enumerate(cols):
+        a.bar([j + (i - (len(cols) - 1) / 2) * w for j in range(len(names))], [tasks[t][v] for t in names], w,
+              label=v)
+    a.set_xticks(range(len(names)), [f"{t}\n({METRIC[t]})" for t in names], fontsize=8)
+    a.set_ylabel("accuracy (%)")
+    a.set_title(f"{out['model'].split(' ')[0]}: zero-shot, lm-eval ({out['card']})", fontsize=10)
+    a.legend(fontsize=8, ncol=2)
+    a.grid(axis="y", alpha=0.3)
+    base = {t: tasks[t]["swa_sinks"] for t in names}
+    for k, (name, r) in enumerate(recipes.items()):
+        ys = [r["tasks"][t][METRIC[t]] - base[t] for t in names if t in r["tasks"]]
+        xs = [j + (k - (len(recipes) - 1) / 2) * 0.08 for j, t in enumerate(names) if t in r["tasks"]]
+        b.plot(xs, ys, "o", ms=5, label=name)
+    shipped = [tasks[t]["ligerfx"] - base[t] for t in names]
+    b.plot(range(len(names)), shipped, "k*", ms=12, label="ligerfx (shipped adapter)")
+    b.axhline(0, color="k", lw=1)
+    b.set_xticks(range(len(names)), names, fontsize=8)
+    b.set_ylabel("points above the sink baseline (swa_sinks)")
+    b.set_title("trained recipes vs the training-free sink baseline (target: > 0 everywhere)", fontsize=10)
+    b.legend(fontsize=6.5, loc="lower left")
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -376,3 +376,29 @@ def test_gemma_package_resolves(tmp_path, monkeypatch):
 
     d, name = resolve_spec("gemma-3-270m")
     assert name.endswith(".gguf") and (d / name).is_file()
+
+
+def test_quality_table_collects_the_reports(tmp_path):
+    """benchmarks/quality_table.py over the committed reports: every value in quality.json is the metric of the
+    per-variant lm-eval report (read here directly), the 5-task mean is their mean, the figure is written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("quality_table", root / "benchmarks" / "quality_table.py")
+    qt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qt)
+    folder = root / "docs" / "results" / "quality"
+    qt.main([str(folder), "--train-tokens", "123", "--out", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png")])
+    out = json.loads((tmp_path / "q.json").read_text())
+    assert out["train_tokens"] == 123
+    metric = {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
+              "winogrande": "acc", "lambada_openai": "acc"}
+    for variant in ("teacher", "ligerfx", "swa_sinks", "gla_untrained"):
+        raw = json.loads((folder / f"{variant}.json").read_text())["tasks"]
+        for task, m in metric.items():
+            assert out["tasks"][task][variant] == pytest.approx(raw[task][m], abs=0.005), (variant, task)
+        five = [raw[t][metric[t]] for t in ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")]
+        assert out["mean_5"][variant] == pytest.approx(sum(five) / 5, abs=0.01)
+    assert (tmp_path / "q.png").stat().st_size > 10_000
