@@ -1,7 +1,11 @@
 """Tune the launch configs (num_warps x num_stages) of every ligerfx Triton kernel on this GPU; store the picks.
 
-    TRITON_INTERPRET=0 python benchmarks/tune_kernels.py                        # D 64 128 256, T 8192 and 16
-    TRITON_INTERPRET=0 python benchmarks/tune_kernels.py --D 256 --T 8192 --out /tmp/t.json
+    TRITON_INTERPRET=0 python benchmarks/tune_kernels.py                     # D 256 128 64 at T 8192, all ops
+    CUDA_VISIBLE_DEVICES=1 python benchmarks/tune_kernels.py --D 128 --out /tmp/d128.json   # one D per GPU, then:
+    python benchmarks/tune_kernels.py --merge /tmp/d256.json /tmp/d128.json /tmp/d64.json --out <table>
+
+Tuning costs every config's compile and timing (about 20 s per kernel and launch key on an H200: minutes per head
+dim), so spread head dims over GPUs and merge.
 
 Runs each op once per shape with ``LIGERFX_AUTOTUNE=1`` (Triton's autotuner times every config of every kernel
 launched; in-place kernels restore their buffers between timed runs), on the inputs of ``benchmarks/kernels.py``: the
@@ -23,6 +27,7 @@ import json
 import os
 import re
 import sys
+import time
 
 os.environ["LIGERFX_AUTOTUNE"] = "1"
 os.environ.setdefault("TRITON_INTERPRET", "0")
@@ -63,29 +68,8 @@ def merge(old: dict, new: dict) -> dict:
     return {k: list(v.values()) for k, v in sorted(merged.items())}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--D", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--T", type=int, nargs="+", default=[8192, 16])
-    ap.add_argument("--out", default=None, help="JSON file [ligerfx/kernels/tuned/<card>-triton<version>.json]")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("tune_kernels.py needs a CUDA GPU (the autotuner times kernels on it)")
-    card = torch.cuda.get_device_name()
-    out = args.out or table_path(card)
-    print(f"card {card}; triton {triton.__version__}; torch {torch.__version__}; -> {out}", flush=True)
-    for D in args.D:
-        for T in args.T:
-            B = max(1, min(8, 16384 // T))
-            ops, _ = make_ops(B, T, D)
-            for (op, mode), fn in ops.items():
-                if op in OPS:
-                    t0 = datetime.datetime.now()
-                    fn()
-                    torch.cuda.synchronize()
-                    print(f"D={D} T={T} B={B} {op} {mode}: tuned in {(datetime.datetime.now() - t0).seconds} s",
-                          flush=True)
-    kernels = collect()
+def write(out: str, card: str, argv, kernels: dict) -> dict:
+    """Merge ``kernels`` into ``out`` (kept when it is for this card and Triton version) and write it atomically."""
     old = {}
     if os.path.exists(out):
         with open(out) as f:
@@ -94,11 +78,55 @@ def main(argv=None):
             old = prev["kernels"]
     data = {"card": card, "triton": triton.__version__, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "command": "python benchmarks/tune_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "kernels": merge(old, kernels)}
+            "command": "python benchmarks/tune_kernels.py " + " ".join(argv), "kernels": merge(old, kernels)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
+    with open(out + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
+    os.replace(out + ".tmp", out)
+    return data
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--D", type=int, nargs="+", default=[256, 128, 64])
+    ap.add_argument("--T", type=int, nargs="+", default=[8192])
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    ap.add_argument("--out", default=None, help="JSON file [ligerfx/kernels/tuned/<card>-triton<version>.json]")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="no tuning: merge these tables (same card and Triton version) into --out")
+    args = ap.parse_args(argv)
+    if args.merge:
+        first = json.load(open(args.merge[0]))
+        tables = [json.load(open(f)) for f in args.merge]
+        if any((t["card"], t["triton"]) != (first["card"], first["triton"]) for t in tables):
+            sys.exit("--merge: the tables come from different cards or Triton versions")
+        kernels = {}
+        for t in tables:
+            kernels = merge(kernels, t["kernels"])
+        data = {**first, "command": " + ".join(t["command"] for t in tables), "kernels": kernels}
+        out = args.out or args.merge[0]
+        with open(out, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"merged {len(tables)} tables -> {out} ({sum(len(v) for v in kernels.values())} launch keys)")
+        return
+    if not torch.cuda.is_available():
+        sys.exit("tune_kernels.py needs a CUDA GPU (the autotuner times kernels on it)")
+    card = torch.cuda.get_device_name()
+    out = args.out or table_path(card)
+    print(f"card {card}; triton {triton.__version__}; torch {torch.__version__}; -> {out}", flush=True)
+    for D in args.D:  # the table is written after every op, so a run cut short keeps what it tuned
+        for T in args.T:
+            B = max(1, min(8, 16384 // T))
+            ops, _ = make_ops(B, T, D)
+            for (op, mode), fn in ops.items():
+                if op in args.ops:
+                    t0 = time.time()
+                    fn()
+                    torch.cuda.synchronize()
+                    write(out, card, argv, collect())
+                    print(f"D={D} T={T} B={B} {op} {mode}: tuned in {time.time() - t0:.0f} s", flush=True)
+    kernels = collect()
     print(f"\n{'kernel':28} {'launch key':60} default -> tuned (warps, stages)")
     for name, rows in kernels.items():
         for e in rows:
@@ -106,7 +134,6 @@ def main(argv=None):
             print(f"{name:28} {str(tuple(e['key'])):60} {tuple(e['default'])} -> "
                   f"({e['num_warps']}, {e['num_stages']}){mark}")
     print(f"wrote {out}")
-
 
 if __name__ == "__main__":
     main()
