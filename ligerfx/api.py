@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -100,6 +101,8 @@ def _linearize(model, config: LigerConfig) -> int:
             raise ValueError(f"LigerConfig.layers names layer(s) {missing}, which have no attention; "
                              f"attention layers: {[getattr(m, 'layer_idx', i) for i, (_, m, _, _) in enumerate(found)]}")
     model._ligerfx_sites = sites
+    for p in model.parameters():
+        _TRANSFORMED_PARAMS[id(p)] = p
     _guard_generate(model)
     return len(sites)
 
@@ -114,6 +117,14 @@ def _modules(model) -> list[LinearizedAttention]:
 
 
 _TEACHER = threading.local()
+# every parameter of a transformed model (id -> tensor, weak): a Dynamo graph that takes one of them as input comes
+# from a transformed model, which the ligerfx backend must never linearize (its softmax attention, if any, is meant)
+_TRANSFORMED_PARAMS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def is_transformed_param(t) -> bool:
+    """True for a parameter of a model ``transform`` linearized (identity, not value)."""
+    return _TRANSFORMED_PARAMS.get(id(t)) is t
 
 
 def in_teacher_mode() -> bool:

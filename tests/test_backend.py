@@ -74,6 +74,34 @@ def test_teacher_mode_under_the_backend_gives_the_teacher(arch):
     assert not ligerfx.api.in_teacher_mode()
 
 
+def test_hybrid_model_graph_piece_without_ligerfx_ops_stays_softmax():
+    """A hybrid transformed model (layers=[1]) whose Dynamo capture breaks after layer 0: the first graph piece holds
+    only layer 0's softmax attention and no ligerfx op. The backend must recognise the transformed model (by its
+    parameters) and leave that layer softmax: compiled == eager transformed model."""
+    model = tiny("llama", num_hidden_layers=3)
+    ligerfx.transform(model, config=ligerfx.LigerConfig(layers=[1]))
+    ids, mask, pos = left_padded(T=40, pad=(0, 5))
+    kw = dict(attention_mask=mask, position_ids=pos, use_cache=False)
+    with torch.no_grad():
+        want = model(ids, **kw).logits
+    layer0 = model.model.layers[0]
+    inner = layer0.forward
+
+    def forward_then_break(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        torch._dynamo.graph_break()
+        return out
+
+    layer0.forward = forward_then_break
+    torch._dynamo.reset()
+    before = ligerfx.counters["backend.linearize"]
+    compiled = torch.compile(model, backend=make_backend("aot_eager"))
+    with torch.no_grad():
+        got = compiled(ids, **kw).logits
+    assert ligerfx.counters["backend.linearize"] == before  # nothing linearized by the backend
+    assert _valid_close(got, want, mask, 1e-5)
+
+
 def test_backend_inductor_registered_by_name():
     model = tiny("llama")
     eager = ligerfx.transform(copy.deepcopy(model))
