@@ -326,6 +326,12 @@ def test_tuned_table_round_trip(monkeypatch, tmp_path):
         n_default += (launcher.name, launcher.launch_key(kw)) not in picked
     assert n_default >= 4
     assert utils.load_table(str(path), "Other Card", triton.__version__) is None
+    for bad, text in ((tmp_path / "missing.json", None), (tmp_path / "bad.json", "{not json"),
+                      (tmp_path / "nokernels.json", json.dumps({"card": "Test Card", "triton": triton.__version__}))):
+        if text is not None:
+            bad.write_text(text)
+        with pytest.raises(ValueError, match=bad.name):
+            utils.load_table(str(bad), "Test Card", triton.__version__)
     assert utils.load_table(str(path), "Test Card", "0.0.0") is None
     assert utils.tuned_table(torch.device("cpu")) is None
     # merging keeps old picks of other keys and lets new picks win

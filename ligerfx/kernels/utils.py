@@ -68,12 +68,16 @@ def _device_of(kwargs):
 def load_table(path: str, card: str, triton_version: str):
     """``{kernel: {launch key: triton.Config}}`` from a tuned JSON file, or None when it was tuned on another card
     or Triton version (launch configs are version-sensitive: triton 3.6 miscompiles one kernel at 2 stages)."""
-    with open(path) as f:
-        data = json.load(f)
-    if data.get("card") != card or data.get("triton") != triton_version:
-        return None
-    return {name: {tuple(e["key"]): triton.Config({}, num_warps=e["num_warps"], num_stages=e["num_stages"])
-                   for e in entries} for name, entries in data["kernels"].items()}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("card") != card or data.get("triton") != triton_version:
+            return None
+        return {name: {tuple(e["key"]): triton.Config({}, num_warps=e["num_warps"], num_stages=e["num_stages"])
+                       for e in entries} for name, entries in data["kernels"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"tuned launch-config table {path} (LIGERFX_TUNED or ligerfx/kernels/tuned/) cannot be "
+                         f"used: {type(e).__name__}: {e}; LIGERFX_TUNED=0 ignores tables") from e
 
 
 def tuned_table(device):
