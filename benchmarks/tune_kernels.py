@@ -109,6 +109,7 @@ def main(argv=None):
             kernels = merge(kernels, t["kernels"])
         data = {**first, "command": " + ".join(t["command"] for t in tables), "kernels": kernels}
         out = args.out or args.merge[0]
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             json.dump(data, f, indent=1)
         print(f"merged {len(tables)} tables -> {out} ({sum(len(v) for v in kernels.values())} launch keys)")
