@@ -248,6 +248,41 @@ def test_lambada_scoring_matches_greedy(env):
     assert 0 <= gen["acc_word"] <= 100
 
 
+def test_last_mention_distance(env):
+    """Token distance from the start of the last mention to the end of the context, counted independently."""
+    tok = env["tok"]
+    ctx = 'The cat sat.\n\n"A dog," she said, "and the Cat again" - then silence'
+    n = len(tok(ctx).input_ids)
+    start = ctx.index("Cat again")
+    assert harness.last_mention_distance(tok, ctx, "cat") == n - len(tok(ctx[:start].rstrip()).input_ids)
+    assert harness.last_mention_distance(tok, ctx, "dog") == n - len(tok(ctx[:ctx.index("dog")].rstrip()).input_ids)
+    assert harness.last_mention_distance(tok, ctx, "bird") is None
+    assert harness.last_mention_distance(tok, ctx, "the") < harness.last_mention_distance(tok, ctx, "sat")
+
+
+def test_lambada_by_distance_matches_lm_eval(env, tmp_path):
+    """Bucketed LAMBADA on items whose target word is mentioned near, far back or never: the overall accuracy equals
+    lm-eval's acc on the same items, the buckets partition the items by last_mention_distance and ``near``."""
+    model, tok = env["model"], env["tok"]
+    filler = " ".join(["the kitchen was quiet and the door was open"] * 4)
+    lam = [{"context": f"She saw a cat. {filler} and then she saw the", "continuation": "cat"},
+           {"context": f"{filler} and she read the signs, the", "continuation": "signs"},
+           {"context": f"{filler} and he walked into the", "continuation": "garden"},
+           {"context": "The dog barked at the dog next door, the", "continuation": "dog"}]
+    (tmp_path / "lambada_openai").mkdir()
+    (tmp_path / "lambada_openai/lambada_openai_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lam))
+    out = harness.run_lm_eval(model, tok, ["lambada_openai"], data_dir=tmp_path, batch_size=2,
+                              cache=tmp_path / "cache", bootstrap_iters=0)
+    dists = [harness.last_mention_distance(tok, it["context"], it["continuation"]) for it in lam]
+    assert dists[2] is None and dists[0] > dists[3] > dists[1] > 0
+    for near in (dists[3], dists[1], dists[0]):
+        ld = harness.lambada_by_distance(model, tok, data_dir=tmp_path, near=near)
+        assert ld["acc"] == pytest.approx(harness.summarize(out)["lambada_openai"]["acc"])
+        b = ld["buckets"]
+        assert (b["near"]["n"], b["far"]["n"], b["absent"]["n"]) == (
+            sum(d is not None and d <= near for d in dists), sum(d is not None and d > near for d in dists), 1)
+
+
 # ------------------------------------------------------------------------------------------------ decode checks
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from .tasks import DEFAULT_TASKS, MAIN_METRIC, TASKS, default_data_dir
 
 CHECKS = ("lm_eval", "generate", "consistency")
+EXTRA_CHECKS = ("lambada_distance",)  # opt-in: not in the default --checks
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--only-full-attention", action="store_true")
     p.add_argument("--adapter", default=None, help="adapter dir, loaded with ligerfx.load_adapter(model, dir)")
     p.add_argument("--checks", default=",".join(CHECKS),
-                   help="comma-separated subset of lm_eval,generate,consistency (default: all)")
+                   help="comma-separated subset of lm_eval,generate,consistency (default: all three), plus the "
+                        "opt-in lambada_distance (LAMBADA accuracy by how far back the target word was last seen)")
     p.add_argument("--gen-limit", type=int, default=None,
                    help="LAMBADA items for the generate() check (default: --limit, else 500)")
     p.add_argument("--consistency-texts", type=int, default=4)
@@ -164,9 +166,9 @@ def run(args) -> int:
         print(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}", file=sys.stderr)
         return 2
     checks = _split(args.checks)
-    bad = [c for c in checks if c not in CHECKS]
+    bad = [c for c in checks if c not in CHECKS + EXTRA_CHECKS]
     if bad:
-        print(f"unknown check(s) {bad}; known: {', '.join(CHECKS)}", file=sys.stderr)
+        print(f"unknown check(s) {bad}; known: {', '.join(CHECKS + EXTRA_CHECKS)}", file=sys.stderr)
         return 2
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     if not data_dir.is_dir():
@@ -221,6 +223,10 @@ def run(args) -> int:
         n = args.gen_limit if args.gen_limit is not None else (
             limit if isinstance(limit, int) else (args.subsample or 500))
         report["generation"] = harness.lambada_generate(model, tok, data_dir=data_dir, limit=n)
+        save()
+    if "lambada_distance" in checks:
+        report["lambada_distance"] = harness.lambada_by_distance(
+            model, tok, data_dir=data_dir, limit=limit if isinstance(limit, int) else None)
         save()
     if "consistency" in checks:
         report["decode_consistency"] = harness.decode_consistency(

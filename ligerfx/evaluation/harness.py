@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import string
 import time
 from pathlib import Path
@@ -135,6 +136,45 @@ def _lambada_items(data_dir: Path, limit: Optional[int]) -> List[dict]:
 
 def _strip_punct(w: str) -> str:
     return w.strip().strip(string.punctuation + "“”‘’\"'")
+
+
+def last_mention_distance(tokenizer, context: str, word: str) -> Optional[int]:
+    """Tokens from the start of ``word``'s last whole-word mention in ``context`` (punctuation and case ignored) to the
+    end of the context, counted with the tokenizer; None if the passage never mentions it."""
+    hits = [m.start() for m in re.finditer(r"\S+", context) if _strip_punct(m.group()).lower() == word.lower()]
+    if not hits:
+        return None
+    return len(tokenizer(context).input_ids) - len(tokenizer(context[:hits[-1]].rstrip()).input_ids)
+
+
+@torch.no_grad()
+def lambada_by_distance(model, tokenizer, data_dir: Optional[os.PathLike] = None, limit: Optional[int] = None,
+                        near: int = 60) -> Dict[str, Any]:
+    """LAMBADA accuracy split by where the target word last appears in the passage.
+
+    Accuracy is lm-eval's ``acc`` (teacher-forced: the greedy token at every position of ``" " + word`` is right),
+    from one uncached forward per item. Buckets: the word's last mention starts at most ``near`` tokens before the
+    end of the context (a 64-token window still sees it), further back (only a recurrent state or full attention
+    can), or never (the word must be inferred). Shows which part of a model's LAMBADA score the window carries."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    items = _lambada_items(data_dir, limit)
+    dev = next(model.parameters()).device
+    t0 = time.time()
+    buckets = {"near": [], "far": [], "absent": []}
+    for it in items:
+        ctx = tokenizer(it["context"]).input_ids
+        tgt = tokenizer(" " + it["continuation"], add_special_tokens=False).input_ids
+        ids = torch.tensor([ctx + tgt], device=dev)
+        pred = model(input_ids=ids, use_cache=False).logits[0, len(ctx) - 1:-1].argmax(-1)
+        ok = bool((pred == ids[0, len(ctx):]).all())
+        dist = last_mention_distance(tokenizer, it["context"], it["continuation"])
+        buckets["absent" if dist is None else "near" if dist <= near else "far"].append(ok)
+    n = sum(len(v) for v in buckets.values())
+    return {
+        "n": n, "near": near, "seconds": time.time() - t0,
+        "acc": 100.0 * sum(sum(v) for v in buckets.values()) / max(n, 1),
+        "buckets": {k: {"n": len(v), "acc": 100.0 * sum(v) / len(v) if v else None} for k, v in buckets.items()},
+    }
 
 
 @torch.no_grad()
@@ -319,6 +359,12 @@ def markdown_table(report: Dict[str, Any]) -> str:
     if gen:
         lines.append(f"| lambada_openai (generate) | acc_token | {_fmt(gen['acc_token'])} | - | {gen['n']} |")
         lines.append(f"| lambada_openai (generate) | acc_word | {_fmt(gen['acc_word'])} | - | {gen['n']} |")
+    ld = report.get("lambada_distance")
+    if ld:
+        for k, label in (("near", f"last mention ≤ {ld['near']} tokens back"),
+                         ("far", f"last mention > {ld['near']} tokens back"), ("absent", "word not in passage")):
+            b = ld["buckets"][k]
+            lines.append(f"| lambada_openai ({label}) | acc | {_fmt(b['acc'])} | - | {b['n']} |")
     dc = report.get("decode_consistency")
     if dc:
         lines += [
