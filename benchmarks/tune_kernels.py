@@ -82,11 +82,16 @@ def write(out: str, card: str, argv, kernels: dict) -> dict:
     data = {"card": card, "triton": triton.__version__, "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
             "command": "python benchmarks/tune_kernels.py " + " ".join(argv), "kernels": merge(old, kernels)}
+    dump(out, data)
+    return data
+
+
+def dump(out: str, data: dict) -> None:
+    """Write a table atomically (a run cut short never leaves half a file), creating its folder."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".tmp", "w") as f:
         json.dump(data, f, indent=1)
     os.replace(out + ".tmp", out)
-    return data
 
 
 def main(argv=None):
@@ -109,9 +114,7 @@ def main(argv=None):
             kernels = merge(kernels, t["kernels"])
         data = {**first, "command": " + ".join(t["command"] for t in tables), "kernels": kernels}
         out = args.out or args.merge[0]
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(data, f, indent=1)
+        dump(out, data)
         print(f"merged {len(tables)} tables -> {out} ({sum(len(v) for v in kernels.values())} launch keys)")
         return
     if not torch.cuda.is_available():

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -116,7 +115,6 @@ def _modules(model) -> list[LinearizedAttention]:
     return [m._ligerfx for m in model.modules() if isinstance(getattr(m, "_ligerfx", None), LinearizedAttention)]
 
 
-_TEACHER = threading.local()
 # every parameter of a transformed model (id -> tensor, weak): a Dynamo graph that takes one of them as input comes
 # from a transformed model, which the ligerfx backend must never linearize (its softmax attention, if any, is meant)
 _TRANSFORMED_PARAMS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
@@ -127,27 +125,20 @@ def is_transformed_param(t) -> bool:
     return _TRANSFORMED_PARAMS.get(id(t)) is t
 
 
-def in_teacher_mode() -> bool:
-    """True inside a ``teacher_mode`` block (this thread): the ``ligerfx`` torch.compile backend then leaves the
-    softmax attention it captures alone (it is the teacher's, not an untransformed model's to linearize)."""
-    return getattr(_TEACHER, "depth", 0) > 0
-
-
 @contextlib.contextmanager
 def teacher_mode(model):
     """Run the original softmax attention inside this block (same weights; e.g. for self-distillation).
 
-    Works under ``torch.compile(..., backend="ligerfx")`` too: graphs captured inside the block are compiled as they
-    are (softmax attention), and Dynamo guards on the mode, so the student's graph is never reused for the teacher."""
+    Works under ``torch.compile(..., backend="ligerfx")`` too: the backend never linearizes a transformed model's
+    graph (see ``is_transformed_param``), and Dynamo guards on the mode, so the student's graph is never reused for
+    the teacher."""
     mods = _modules(model)
     prev = [m.teacher for m in mods]
-    _TEACHER.depth = getattr(_TEACHER, "depth", 0) + 1
     try:
         for m in mods:
             m.teacher = True
         yield model
     finally:
-        _TEACHER.depth -= 1
         for m, p in zip(mods, prev):
             m.teacher = p
 

@@ -7,9 +7,8 @@
   state cannot be rebuilt from a KV cache; call ``ligerfx.transform`` first.
 * **Transformed model**: the graph already holds the ``ligerfx::`` custom ops; nothing is rewritten, the graph is
   lowered around them. A graph is recognised as a transformed model's by its parameters (``transform`` registers
-  them), so a softmax layer a hybrid model kept is never linearized, even in a graph piece without ligerfx ops. Inside
-  ``ligerfx.teacher_mode`` (self-distillation) the captured graph holds the original softmax attention and is lowered
-  as it is (never linearized: it is the teacher).
+  them), so its softmax attention is never linearized: inside ``ligerfx.teacher_mode`` (self-distillation: the
+  teacher's graph has no ligerfx op) nor a layer a hybrid model kept, even in a graph piece without ligerfx ops.
 
 ``make_backend(inner)`` builds the same backend with another lowering (``"aot_eager"`` for fast CPU tests).
 """
@@ -140,13 +139,12 @@ def make_backend(inner: str = "inductor", config: LigerConfig | None = None):
     config = config or LigerConfig()
 
     def ligerfx_backend(gm: fx.GraphModule, example_inputs, **kwargs):
-        from .api import in_teacher_mode, is_transformed_param
+        from .api import is_transformed_param
 
-        if in_teacher_mode():  # a transformed model's teacher forward: its softmax attention stays softmax
-            counters["backend.teacher_graphs"] += 1
-        elif any(is_transformed_param(t) for t in example_inputs):
-            # a transformed model's graph: its ligerfx ops stay as they are, and a softmax layer it kept (hybrid
-            # `layers=[...]`) stays softmax even in a graph piece without any ligerfx op
+        if any(is_transformed_param(t) for t in example_inputs):
+            # a transformed model's graph: its ligerfx ops stay as they are, and softmax attention in it stays
+            # softmax: the teacher_mode forward, or a layer a hybrid model (`layers=[...]`) kept, even in a graph
+            # piece without any ligerfx op
             counters["backend.transformed_graphs"] += 1
         else:
             linearize_fx(gm, config)

@@ -4,6 +4,7 @@
 program's block operations through numpy. Every buffer the kernels allocate is NaN-poisoned, so an element a kernel
 forgets to write fails the comparison.
 """
+import contextlib
 import os
 
 import pytest
@@ -205,17 +206,11 @@ def _bits(t):
     return torch.nan_to_num(t, nan=7.0) if t.is_floating_point() else t
 
 
-def test_aliased_launch_arguments_are_restored_when_tuning(monkeypatch):
-    """With ``LIGERFX_AUTOTUNE=1`` Triton's tuner times every config on the real arguments. A launch whose input and
-    output are the same buffer (the in-place chunk scans) would read its own output from the second timed run on, so
-    the tuned result would be wrong. Every launch of every kernel (GLA chunk fwd/bwd with and without h0, recurrent,
-    SWA, fused Liger fwd/bwd) is recorded; where two tensor arguments share memory, the kernel's launcher must
-    restore the one written (``autotune(..., restore=[...])``). Aliased arguments none of which the launch changes
-    (the same positions passed as query and key positions) and an argument a ``USE_<NAME>=False`` flag disables
-    are harmless and ignored."""
+@contextlib.contextmanager
+def _record_launches():
+    """Inside the block, every ``@autotune`` kernel launch appends ``(launcher, kwargs, names of the tensor arguments
+    it changed)`` to the yielded list."""
     from ligerfx.kernels import utils
-    from ligerfx.kernels.liger import fused
-    from test_liger_fused import call, liger_inputs
 
     launches = []
     orig = utils._Launcher.__getitem__
@@ -231,19 +226,37 @@ def test_aliased_launch_arguments_are_restored_when_tuning(monkeypatch):
             return out
         return run
 
-    monkeypatch.setattr(utils._Launcher, "__getitem__", record)
-    for h0 in (True, False):
-        q, k, v, g, h = gla_inputs(B=1, HKV=2, G=2, T=70, h0=h0)
-        o, hT = chunk.chunk_gla_fwd(q, k, v, g, h)
-        chunk.chunk_gla_bwd(q, k, v, g, h, torch.randn_like(o), torch.randn_like(hT))
-        recurrent.recurrent_gla_fwd(q[:, :, :3], k[:, :, :3], v[:, :, :3], g[:, :, :3], h)
-        x, _ = liger_inputs(T=70, h0=h0, pads=(0, 5))
-        o, hT, lse = call(fused.liger_fwd, x)
-        fused.liger_bwd(*(x[n] for n in ("q_pre", "k_pre", "v", "gate_src", "q_rope", "k_rope", "pos", "h0")), lse,
-                        torch.randn_like(o), torch.randn_like(hT), 0.3, 64, 0.5, 16.0)
-    qs, ks, vs, qp, kp = swa_inputs()
-    o, lse = window.swa_fwd(qs, ks, vs, qp, kp, 0.5, 8, 2)
-    window.swa_bwd(qs, ks, vs, qp, kp, o, lse, torch.randn_like(o), 0.5, 8, 2)
+    utils._Launcher.__getitem__ = record
+    try:
+        yield launches
+    finally:
+        utils._Launcher.__getitem__ = orig
+
+
+def test_aliased_launch_arguments_are_restored_when_tuning():
+    """With ``LIGERFX_AUTOTUNE=1`` Triton's tuner times every config on the real arguments. A launch whose input and
+    output are the same buffer (the in-place chunk scans) would read its own output from the second timed run on, so
+    the tuned result would be wrong. Every launch of every kernel (GLA chunk fwd/bwd with and without h0, recurrent,
+    SWA, fused Liger fwd/bwd) is recorded; where two tensor arguments share memory, the kernel's launcher must
+    restore the one written (``autotune(..., restore=[...])``). Aliased arguments none of which the launch changes
+    (the same positions passed as query and key positions) and an argument a ``USE_<NAME>=False`` flag disables
+    are harmless and ignored."""
+    from ligerfx.kernels.liger import fused
+    from test_liger_fused import call, liger_inputs
+
+    with _record_launches() as launches:
+        for h0 in (True, False):
+            q, k, v, g, h = gla_inputs(B=1, HKV=2, G=2, T=70, h0=h0)
+            o, hT = chunk.chunk_gla_fwd(q, k, v, g, h)
+            chunk.chunk_gla_bwd(q, k, v, g, h, torch.randn_like(o), torch.randn_like(hT))
+            recurrent.recurrent_gla_fwd(q[:, :, :3], k[:, :, :3], v[:, :, :3], g[:, :, :3], h)
+            x, _ = liger_inputs(T=70, h0=h0, pads=(0, 5))
+            o, hT, lse = call(fused.liger_fwd, x)
+            fused.liger_bwd(*(x[n] for n in ("q_pre", "k_pre", "v", "gate_src", "q_rope", "k_rope", "pos", "h0")),
+                            lse, torch.randn_like(o), torch.randn_like(hT), 0.3, 64, 0.5, 16.0)
+        qs, ks, vs, qp, kp = swa_inputs()
+        o, lse = window.swa_fwd(qs, ks, vs, qp, kp, 0.5, 8, 2)
+        window.swa_bwd(qs, ks, vs, qp, kp, o, lse, torch.randn_like(o), 0.5, 8, 2)
 
     kernels, aliased = set(), []
     for launcher, kw, written in launches:
@@ -259,26 +272,12 @@ def test_aliased_launch_arguments_are_restored_when_tuning(monkeypatch):
     assert not aliased, f"in-place launches a tuner would corrupt: {sorted(set(map(str, aliased)))}"
 
 
-def _recorded_gla_launches(monkeypatch, dtype=torch.float32):
-    """(launcher, kwargs) of every kernel launch of one GLA forward + backward (interpreter)."""
-    from ligerfx.kernels import utils
-
-    launches = []
-    orig = utils._Launcher.__getitem__
-
-    def record(self, grid):
-        launch = orig(self, grid)
-
-        def run(**kw):
-            launches.append((self, dict(kw)))
-            return launch(**kw)
-        return run
-
-    monkeypatch.setattr(utils._Launcher, "__getitem__", record)
-    q, k, v, g, h = (None if x is None else x.to(dtype) for x in gla_inputs(B=1, HKV=2, G=2, T=70))
-    o, hT = chunk.chunk_gla_fwd(q, k, v, g, h.float())
-    chunk.chunk_gla_bwd(q, k, v, g, h.float(), torch.randn_like(o), torch.randn_like(hT))
-    monkeypatch.setattr(utils._Launcher, "__getitem__", orig)
+def _recorded_gla_launches(dtype=torch.float32):
+    """(launcher, kwargs, written) of every kernel launch of one GLA forward + backward (interpreter)."""
+    with _record_launches() as launches:
+        q, k, v, g, h = (None if x is None else x.to(dtype) for x in gla_inputs(B=1, HKV=2, G=2, T=70))
+        o, hT = chunk.chunk_gla_fwd(q, k, v, g, h.float())
+        chunk.chunk_gla_bwd(q, k, v, g, h.float(), torch.randn_like(o), torch.randn_like(hT))
     return launches
 
 
@@ -299,12 +298,12 @@ def test_tuned_table_round_trip(monkeypatch, tmp_path):
     sys.modules.pop("tune_kernels", None)
     import tune_kernels
 
-    launches = _recorded_gla_launches(monkeypatch)
+    launches = _recorded_gla_launches()
     assert len(launches) >= 6
     for launcher in utils.LAUNCHERS.values():
         monkeypatch.setattr(launcher, "picks", {})
     picked = {}
-    for i, (launcher, kw) in enumerate(launches):
+    for i, (launcher, kw, _) in enumerate(launches):
         cfg = triton.Config({}, num_warps=2 ** (i % 3), num_stages=1 + i % 4)
         launcher.picks[launcher.launch_key(kw)] = (cfg, launcher.default(kw))
         picked[(launcher.name, launcher.launch_key(kw))] = (cfg.num_warps, cfg.num_stages)
@@ -313,13 +312,13 @@ def test_tuned_table_round_trip(monkeypatch, tmp_path):
     path.write_text(json.dumps(data))
 
     table = utils.load_table(str(path), "Test Card", triton.__version__)
-    for launcher, kw in launches:
+    for launcher, kw, _ in launches:
         cfg = launcher.config(kw, table)
         assert (cfg.num_warps, cfg.num_stages) == picked[(launcher.name, launcher.launch_key(kw))], launcher.name
     # fp16 inputs: kernels that see fp16 tensors have other launch keys -> their defaults (the fp32-only ones, e.g.
     # the state scans, keep the same key and the pick)
     n_default = 0
-    for launcher, kw in _recorded_gla_launches(monkeypatch, torch.float16):
+    for launcher, kw, _ in _recorded_gla_launches(torch.float16):
         cfg, default = launcher.config(kw, table), launcher.default(kw)
         want = picked.get((launcher.name, launcher.launch_key(kw)), (default.num_warps, default.num_stages))
         assert (cfg.num_warps, cfg.num_stages) == want, launcher.name

@@ -36,8 +36,10 @@ class _Launcher:
             str(v.dtype).replace("torch.", "") for v in kwargs.values() if isinstance(v, torch.Tensor))
 
     def config(self, kwargs, table=None):
-        """The launch config outside autotuning: the tuned table's entry for this launch key, else the default."""
-        hit = (table or {}).get(self.name, {}).get(self.launch_key(kwargs))
+        """The launch config outside autotuning: the tuned table's entry for this launch key, else the default. The
+        key is built only when the table has entries for this kernel (every launch comes through here)."""
+        picks = table.get(self.name) if table else None
+        hit = picks.get(self.launch_key(kwargs)) if picks else None
         return hit if hit is not None else self.default(kwargs)
 
     def __getitem__(self, grid):
