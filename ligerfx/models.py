@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
 
@@ -61,8 +62,7 @@ def resolve_spec(spec: Union[str, os.PathLike]) -> Tuple[Path, Optional[str]]:
             raise ImportError(
                 f"model {s!r} needs the PyPI package {pkg!r}: pip install {pkg} gguf sentencepiece protobuf"
             ) from e
-        target = cache_dir() / s / fname
-        path = Path(mod.assemble(target))  # verifies the sha256; reuses an existing good file
+        path = _assemble_packaged(mod, cache_dir() / s / fname)
         return path.parent, path.name
     p = Path(s).expanduser()
     if p.is_file() and p.suffix == ".gguf":
@@ -77,6 +77,29 @@ def resolve_spec(spec: Union[str, os.PathLike]) -> Tuple[Path, Optional[str]]:
     raise FileNotFoundError(
         f"model spec {s!r} is neither a packaged model ({', '.join(PACKAGED_MODELS)}), a .gguf file nor a local directory"
     )
+
+
+def _assemble_packaged(mod, target: Path) -> Path:
+    """``mod.assemble(target)`` made safe for several processes at once (DDP ranks, parallel evals).
+
+    The package writes its output in place, so a second process that starts while the first is writing sees a
+    partial file and fails its sha256 check. Here the file is assembled under a per-process name and renamed into
+    place (atomic on one file system): ``target`` is either absent or complete. A bad file left by an older version or
+    a killed run is rebuilt, with a warning, instead of failing every later load."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        try:
+            return Path(mod.assemble(target))  # verifies the sha256 of the existing file
+        except (FileExistsError, ValueError) as e:
+            warnings.warn(f"{target}: {e}; assembling it again", stacklevel=3)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        Path(mod.assemble(tmp, overwrite=True))
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
 
 
 def is_ligerfx_dir(path: Union[str, os.PathLike]) -> bool:
