@@ -108,8 +108,8 @@ def make_loss(model, scope: str, device: torch.device, precision: str):
     """``loss(ids, labels) -> mean CE over every next-token target``, compiled per ``scope`` by the caller."""
     if scope == "model":
         def loss(ids, labels):
-            ce, _ = micro_step_loss(model, model, ids, labels, keep_arg=True, distill=False, temperature=1.0,
-                                    device=device, precision=precision)
+            ce, _, _ = micro_step_loss(model, model, ids, labels, keep_arg=True, distill=False, temperature=1.0,
+                                       device=device, precision=precision)
             return ce / labels[:, 1:].numel()
         return loss
 

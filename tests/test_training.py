@@ -1,4 +1,5 @@
 """``ligerfx train`` end to end on CPU: a tiny random Llama with an offline word-level tokenizer."""
+import contextlib
 import json
 import lzma
 import os
@@ -14,10 +15,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ligerfx.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ligerfx.config import LigerConfig
 from ligerfx.training import cli
 from ligerfx.training.data import (IGNORE_INDEX, ChunkStream, DataError, Record, Source, alpaca_prompt,
                                    parse_count, read_records, tokenize_records)
-from ligerfx.training.trainer import read_log
+from ligerfx.training.trainer import micro_step_loss, read_log
 
 RECORDS = [
     {"instruction": "what color is the cat", "input": "", "output": "the cat is red"},
@@ -325,3 +327,111 @@ def test_compile_matches_eager(workdir, tmp_path):
         for key in ("loss", "ce", "kl", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     assert json.loads((tmp_path / "compiled" / "training_args.json").read_text())["args"]["compile"] is True
+
+
+# --------------------------------------------------------------------------------------------- attention transfer
+def _transfer_inputs(workdir, config, passes=("linearize",)):
+    import ligerfx
+    from ligerfx.training.data import IGNORE_INDEX as IGN
+
+    model = LlamaForCausalLM.from_pretrained(workdir["model"]).eval()
+    ligerfx.transform(model, passes=list(passes), config=config)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, model.config.vocab_size, (2, 40), generator=g)
+    labels = ids.clone()
+    labels[0, :7] = IGN  # a prompt part without loss, as in Alpaca records
+    return model, ids, labels
+
+
+def _reference_transfer(model, ids, labels):
+    """float64, with the test's own hooks on ``model.model.layers[i].self_attn``: sum over target tokens of the mean
+    over layers of ||s - t||^2 / mean ||t||^2, where token p is a target if labels[p + 1] is not ignored."""
+    import ligerfx
+    from ligerfx.training.data import IGNORE_INDEX as IGN
+
+    def run(teacher):
+        outs = []
+        hooks = [layer.self_attn.register_forward_hook(lambda m, a, o: outs.append(o[0].double()))
+                 for layer in model.model.layers]
+        with torch.no_grad(), (ligerfx.teacher_mode(model) if teacher else contextlib.nullcontext()):
+            model(input_ids=ids, use_cache=False)
+        for h in hooks:
+            h.remove()
+        return outs
+
+    t_outs, s_outs = run(True), run(False)
+    target = labels[:, 1:] != IGN  # [B, T-1]: position p predicts labels[p + 1]
+    total = 0.0
+    for t, s in zip(t_outs, s_outs):
+        t, s = t[:, :-1][target], s[:, :-1][target]
+        total += ((s - t) ** 2).sum() / (t ** 2).sum(-1).mean()
+    return float(total / len(t_outs))
+
+
+
+
+def _step_terms(model, ids, labels):
+    return micro_step_loss(model, model, ids, labels, keep_arg=True, distill=True, temperature=1.0,
+                           device=torch.device("cpu"), precision="fp32", attn_transfer=True)
+
+
+def test_attention_transfer_against_float64_reference(workdir):
+    """The logged/optimized transfer term equals an independent float64 computation (different hooks, different
+    target selection code), and it is > 0 for real Liger attention."""
+    model, ids, labels = _transfer_inputs(workdir, LigerConfig(window=4, mix=0.5))
+    ce, kl, at = _step_terms(model, ids, labels)
+    ref = _reference_transfer(model, ids, labels)
+    assert ref > 1e-3
+    assert float(at.detach()) == pytest.approx(ref, rel=1e-4)
+    assert at.requires_grad  # it trains the student
+
+
+def test_attention_transfer_is_zero_when_the_student_is_the_teacher(workdir):
+    """A window branch that sees every token (window >= T) with mix 0 is exact softmax attention: no transfer error
+    and no KL. Fails if the teacher pass records the wrong modules, or the student's outputs in its place."""
+    model, ids, labels = _transfer_inputs(workdir, LigerConfig(window=64, mix=0.0))
+    ce, kl, at = _step_terms(model, ids, labels)
+    n = int((labels[:, 1:] != -100).sum())
+    assert float(at) / n < 1e-9 and float(kl) / n < 1e-6
+
+
+def test_attention_transfer_gradient_lowers_it_on_a_fixed_batch(workdir):
+    """Descending the transfer term alone (LoRA on the attention projections) brings the student's attention
+    outputs towards the teacher's: its gradient reaches the LoRA weights through the recorded outputs."""
+    model, ids, labels = _transfer_inputs(workdir, LigerConfig(window=4, mix=0.5), passes=("linearize", "lora"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.numel() < 10_000 for p in params)  # LoRA only
+    opt = torch.optim.Adam(params, lr=1e-2)
+    first = None
+    for _ in range(40):
+        _, _, at = _step_terms(model, ids, labels)
+        first = float(at.detach()) if first is None else first
+        opt.zero_grad()
+        at.backward()
+        opt.step()
+    assert float(_step_terms(model, ids, labels)[2]) < 0.5 * first
+
+
+def test_attn_transfer_training_logs_the_weighted_terms(workdir, tmp_path):
+    out = tmp_path / "run"
+    assert train(workdir, out, "--max-tokens", str(12 * 2 * 48), "--distill", "--distill-weight", "0.5",
+                 "--attn-transfer", "2", "--ce-weight", "0.25", "--lr", "3e-2", "--window", "4") == 0
+    rows = read_log(out / "log.csv")
+    assert len(rows) == 12
+    for r in rows:
+        assert r["at"] is not None and r["at"] > 0
+        assert r["loss"] == pytest.approx(0.25 * r["ce"] + 0.5 * r["kl"] + 2 * r["at"], rel=1e-6)
+    args = json.loads((out / "training_args.json").read_text())["args"]
+    assert args["attn_transfer"] == 2 and args["ce_weight"] == 0.25
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--attn-transfer", "1"], "add --distill"),
+    (["--attn-transfer", "1", "--distill", "--compile"], "--compile"),
+    (["--ce-weight", "0"], "leaves no loss"),
+    (["--attn-transfer", "-1", "--distill"], ">= 0"),
+])
+def test_loss_weight_errors(workdir, tmp_path, capsys, extra, message):
+    assert train(workdir, tmp_path / "run", "--max-tokens", "96", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything is written

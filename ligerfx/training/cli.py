@@ -93,6 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add w*KL(teacher||student); teacher = same weights in ligerfx.teacher_mode, LoRA off")
     g.add_argument("--distill-weight", type=float, default=1.0, help="w of the KL term [1.0]")
     g.add_argument("--distill-temperature", type=float, default=1.0)
+    g.add_argument("--ce-weight", type=float, default=1.0,
+                   help="weight of the next-token cross-entropy [1.0]; 0 with --distill trains on the teacher alone")
+    g.add_argument("--attn-transfer", type=float, default=0.0, metavar="W",
+                   help="add W x attention transfer (needs --distill): per linearized layer, the squared error between "
+                        "the student's and the teacher's attention-module output over the target tokens, relative to "
+                        "the teacher output's mean square, averaged over layers [0: off]")
 
     g = p.add_argument_group("LoRA and Liger")
     g.add_argument("--lora-r", type=int, default=8)
@@ -132,9 +138,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress or log lines on stderr")
 
 
+def check_args(args) -> str:
+    """The first problem with a combination of options, or ''."""
+    at = getattr(args, "attn_transfer", 0.0) or 0.0
+    if at < 0 or getattr(args, "ce_weight", 1.0) < 0 or args.distill_weight < 0:
+        return "--ce-weight, --distill-weight and --attn-transfer must be >= 0"
+    if at and not args.distill:
+        return "--attn-transfer compares with the teacher forward that --distill runs: add --distill " \
+               "(--distill-weight 0 for attention transfer without the KL term)"
+    if at and getattr(args, "compile", False):
+        return "--attn-transfer reads each attention module's output through forward hooks, which --compile " \
+               "does not support yet: drop one of them"
+    if not getattr(args, "ce_weight", 1.0) and not (args.distill and (args.distill_weight or at)):
+        return "--ce-weight 0 leaves no loss: add --distill (with a non-zero --distill-weight or --attn-transfer)"
+    return ""
+
+
 def run(args) -> int:
     from .trainer import train
 
+    problem = check_args(args)
+    if problem:
+        print(f"ligerfx train: {problem}", file=sys.stderr)
+        return 2
     if not hasattr(args, "argv"):
         args.argv = sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "train" else sys.argv[1:]
     try:

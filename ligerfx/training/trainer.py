@@ -41,13 +41,13 @@ from .data import (IGNORE_INDEX, ChunkStream, DataError, Source, pack_in_order, 
                    tokenize_records)
 
 CHECKPOINT_PREFIX = "checkpoint-"
-LOG_FIELDS = ["step", "tokens", "epoch", "loss", "ce", "kl", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
+LOG_FIELDS = ["step", "tokens", "epoch", "loss", "ce", "kl", "at", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
               "val_loss"]
 # args that must not change when a run is resumed (the loss curve would no longer continue the same run)
 RESUME_INVARIANTS = [
     "model", "data", "mix_data", "max_samples", "val_samples", "seq_len", "batch_size", "lr", "min_lr_ratio",
     "warmup_steps", "weight_decay", "beta1", "beta2", "max_grad_norm", "max_tokens", "epochs", "seed", "distill",
-    "distill_weight", "distill_temperature", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "window",
+    "distill_weight", "distill_temperature", "ce_weight", "attn_transfer", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "window",
     "liger_mix", "gate_normalizer", "variant", "sinks", "layers", "only_full_attention", "dtype", "precision",
 ]
 
@@ -270,25 +270,82 @@ def _logits(model, input_ids: torch.Tensor, pos: torch.Tensor, keep_arg: bool) -
 
 
 def micro_step_loss(model, bare, input_ids, labels, *, keep_arg: bool, distill: bool, temperature: float,
-                    device: torch.device, precision: str, teacher=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE and summed KL over the target tokens of one micro-batch (KL is 0 without ``distill``).
+                    device: torch.device, precision: str, teacher=None,
+                    attn_transfer: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed CE, summed KL and summed attention-transfer error over the target tokens of one micro-batch (KL is 0
+    without ``distill``, the transfer term 0 without ``attn_transfer``).
 
     ``model`` runs the student forward (``bare``, its DDP wrapper or a compiled one); ``teacher`` (default ``bare``)
-    the teacher forward, called with ``bare`` in teacher mode and its LoRA layers off."""
+    the teacher forward, called with ``bare`` in teacher mode and its LoRA layers off. With ``attn_transfer`` both
+    forwards also record the output of every linearized attention module (see :func:`attention_transfer`)."""
     pos = _target_positions(labels)
     targets = labels[:, 1:][:, pos]
+    t_outs, s_outs = [], []
     if distill:
         teacher_mode = _ligerfx_fn("teacher_mode")
-        with torch.no_grad(), teacher_mode(bare), lora_disabled(bare), autocast_context(device, precision):
+        with torch.no_grad(), teacher_mode(bare), lora_disabled(bare), autocast_context(device, precision), \
+                _attention_outputs(bare, t_outs if attn_transfer else None):
             t_logits = _logits(bare if teacher is None else teacher, input_ids, pos, keep_arg)
-    with autocast_context(device, precision):
+    with autocast_context(device, precision), _attention_outputs(bare, s_outs if attn_transfer else None):
         logits = _logits(model, input_ids, pos, keep_arg)
     logits = logits.float()
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    zero = torch.zeros((), device=ce.device)
     if not distill:
-        return ce, torch.zeros((), device=ce.device)
+        return ce, zero, zero
     mask = targets != IGNORE_INDEX
-    return ce, distill_kl(t_logits[mask], logits[mask], temperature)
+    at = attention_transfer(t_outs, s_outs, pos, mask) if attn_transfer else zero
+    return ce, distill_kl(t_logits[mask], logits[mask], temperature), at
+
+
+@contextlib.contextmanager
+def _attention_outputs(bare, sink: Optional[list]):
+    """Append the output of every linearized attention module of ``bare`` to ``sink`` while inside (nothing if
+    ``sink`` is None). The hooks sit on the modules, so they see the teacher-mode forward too."""
+    if sink is None:
+        yield
+        return
+
+    def hook(module, args, out):
+        sink.append(out[0] if isinstance(out, (tuple, list)) else out)
+
+    handles = [m.register_forward_hook(hook) for m in bare.modules() if hasattr(m, "_ligerfx")]
+    if not handles:
+        raise ValueError("--attn-transfer: the model has no linearized attention module")
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def attention_transfer(t_outs: list, s_outs: list, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention transfer: sum over target tokens of the mean over linearized layers of
+    ``||student_out - teacher_out||^2 / mean_tokens(||teacher_out||^2)``, in fp32.
+
+    ``*_outs[l]`` is layer l's attention-module output ``[B, T, hidden]`` (teacher: original softmax attention, LoRA
+    off; student: Liger attention); ``pos``/``mask`` pick the target tokens as for the CE. The error is relative to the
+    teacher's own scale, so layers with large activations do not dominate. It compares whole-model forwards: each
+    student layer sees the student's hidden states, so errors of earlier layers count in later ones."""
+    if len(t_outs) != len(s_outs) or not s_outs:
+        raise RuntimeError(f"attention transfer: {len(t_outs)} teacher and {len(s_outs)} student layer outputs")
+    total = None
+    for t, s in zip(t_outs, s_outs):
+        t, s = t[:, pos].float(), s[:, pos].float()
+        ref = t.pow(2).sum(-1)[mask].mean().clamp_min(1e-12)
+        err = (s - t).pow(2).sum(-1)[mask].sum() / ref
+        total = err if total is None else total + err
+    return total / len(s_outs)
+
+
+def combine_losses(ce, kl, at, ce_w: float, kl_w: float, at_w: float):
+    """The optimized loss: ``ce_w * CE + kl_w * KL + at_w * AT`` (a zero weight drops its term)."""
+    total = ce_w * ce
+    if kl_w:
+        total = total + kl_w * kl
+    if at_w:
+        total = total + at_w * at
+    return total
 
 
 KL_ROWS = 1024  # rows of [rows, vocab] fp32 temporaries alive at once in ``distill_kl``
@@ -725,6 +782,9 @@ def _train(args, info: DistInfo, stop: Optional[StopRequest] = None) -> dict:
 
         progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
+    ce_w = getattr(args, "ce_weight", 1.0)
+    kl_w = args.distill_weight if args.distill else 0.0
+    at_w = (getattr(args, "attn_transfer", 0.0) or 0.0) if args.distill else 0.0
     t_start, last_val = time.time(), None
     step_tps = None
     step = start_step
@@ -744,17 +804,18 @@ def _train(args, info: DistInfo, stop: Optional[StopRequest] = None) -> dict:
         batches = [_batch(stream, idx, info.device) for idx in micro]
         (n_global,) = _all_reduce([float(sum(b[2] for b in batches))], info)
         scale = info.world / max(n_global, 1.0)
-        ce_acc = kl_acc = 0.0
+        ce_acc = kl_acc = at_acc = 0.0
         for j, (ids, labels, _) in enumerate(batches):
             sync = contextlib.nullcontext() if (not info.ddp or j == accum - 1) else model.no_sync()
             with sync:
-                ce, kl = micro_step_loss(model, bare, ids, labels, keep_arg=keep_arg, distill=args.distill,
-                                         temperature=args.distill_temperature, device=info.device,
-                                         precision=precision, teacher=teacher)
-                loss = (ce + args.distill_weight * kl) * scale if args.distill else ce * scale
+                ce, kl, at = micro_step_loss(model, bare, ids, labels, keep_arg=keep_arg, distill=args.distill,
+                                             temperature=args.distill_temperature, device=info.device,
+                                             precision=precision, teacher=teacher, attn_transfer=at_w > 0)
+                loss = combine_losses(ce, kl, at, ce_w, kl_w, at_w) * scale
                 loss.backward()
             ce_acc = ce_acc + ce.detach()
             kl_acc = kl_acc + kl.detach()
+            at_acc = at_acc + at.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")).item()
         lr = optimizer.param_groups[0]["lr"]
@@ -763,9 +824,9 @@ def _train(args, info: DistInfo, stop: Optional[StopRequest] = None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        ce_tot, kl_tot = _all_reduce([float(ce_acc), float(kl_acc)], info)
-        ce_mean, kl_mean = ce_tot / max(n_global, 1.0), kl_tot / max(n_global, 1.0)
-        loss_mean = ce_mean + (args.distill_weight * kl_mean if args.distill else 0.0)
+        ce_tot, kl_tot, at_tot = _all_reduce([float(ce_acc), float(kl_acc), float(at_acc)], info)
+        ce_mean, kl_mean, at_mean = (x / max(n_global, 1.0) for x in (ce_tot, kl_tot, at_tot))
+        loss_mean = combine_losses(ce_mean, kl_mean, at_mean, ce_w, kl_w, at_w)
         tokens_seen += G * args.seq_len
         dt = time.time() - t0
         step_s = dt if step_s is None else max(dt, 0.9 * step_s + 0.1 * dt)
@@ -778,7 +839,8 @@ def _train(args, info: DistInfo, stop: Optional[StopRequest] = None) -> dict:
             val_loss = evaluate(bare, val, info, precision, keep_arg)
             last_val = val_loss
         runlog.write({"step": step, "tokens": tokens_seen, "epoch": round(stream.epochs(step * G), 4),
-                      "loss": loss_mean, "ce": ce_mean, "kl": kl_mean if args.distill else None, "lr": lr,
+                      "loss": loss_mean, "ce": ce_mean, "kl": kl_mean if args.distill else None,
+                      "at": at_mean if at_w > 0 else None, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": round(tps, 1),
                       "elapsed_s": round(time.time() - t_start, 3), "val_loss": val_loss})
         summary_loss = loss_mean
