@@ -386,6 +386,12 @@ def test_attention_transfer_against_float64_reference(workdir):
     assert at.requires_grad  # it trains the student
 
 
+def test_attention_transfer_of_a_micro_batch_without_targets_is_zero(workdir):
+    model, ids, labels = _transfer_inputs(workdir, LigerConfig(window=4, mix=0.5))
+    _, _, at = _step_terms(model, ids, torch.full_like(labels, -100))
+    assert float(at.detach()) == 0.0 and at.requires_grad  # not NaN: training goes on, DDP still gets gradients
+
+
 def test_attention_transfer_is_zero_when_the_student_is_the_teacher(workdir):
     """A window branch that sees every token (window >= T) with mix 0 is exact softmax attention: no transfer error
     and no KL. Fails if the teacher pass records the wrong modules, or the student's outputs in its place."""

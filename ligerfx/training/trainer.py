@@ -47,8 +47,9 @@ LOG_FIELDS = ["step", "tokens", "epoch", "loss", "ce", "kl", "at", "lr", "grad_n
 RESUME_INVARIANTS = [
     "model", "data", "mix_data", "max_samples", "val_samples", "seq_len", "batch_size", "lr", "min_lr_ratio",
     "warmup_steps", "weight_decay", "beta1", "beta2", "max_grad_norm", "max_tokens", "epochs", "seed", "distill",
-    "distill_weight", "distill_temperature", "ce_weight", "attn_transfer", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "window",
-    "liger_mix", "gate_normalizer", "variant", "sinks", "layers", "only_full_attention", "dtype", "precision",
+    "distill_weight", "distill_temperature", "ce_weight", "attn_transfer", "lora_r", "lora_alpha", "lora_dropout",
+    "lora_targets", "window", "liger_mix", "gate_normalizer", "variant", "sinks", "layers", "only_full_attention",
+    "dtype", "precision",
 ]
 
 
@@ -332,8 +333,9 @@ def attention_transfer(t_outs: list, s_outs: list, pos: torch.Tensor, mask: torc
     total = None
     for t, s in zip(t_outs, s_outs):
         t, s = t[:, pos].float(), s[:, pos].float()
-        ref = t.pow(2).sum(-1)[mask].mean().clamp_min(1e-12)
-        err = (s - t).pow(2).sum(-1)[mask].sum() / ref
+        m = mask.to(t.dtype)  # a micro-batch without targets gives 0, not 0/0
+        ref = ((t.pow(2).sum(-1) * m).sum() / m.sum().clamp_min(1.0)).clamp_min(1e-12)
+        err = ((s - t).pow(2).sum(-1) * m).sum() / ref
         total = err if total is None else total + err
     return total / len(s_outs)
 
