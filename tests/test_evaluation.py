@@ -437,3 +437,47 @@ def test_quality_table_collects_the_reports(tmp_path):
         five = [raw[t][metric[t]] for t in ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")]
         assert out["mean_5"][variant] == pytest.approx(sum(five) / 5, abs=0.01)
     assert (tmp_path / "q.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------------- benchmarks/layer_drift.py
+
+
+def _layer_drift_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_drift.py"
+    spec = importlib.util.spec_from_file_location("layer_drift", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_layer_drift_is_zero_for_a_copy_of_the_teacher_and_counts_like_lambada_by_distance(env):
+    """A Liger model whose window sees every token (mix 0) is the teacher: zero drift in every layer, and the same
+    per-bucket accuracy as ``lambada_by_distance`` on the teacher. Real Liger attention drifts in every layer."""
+    import copy
+
+    import ligerfx
+
+    ld = _layer_drift_module()
+    items = harness._lambada_items(env["data"], None)
+    ref = harness.lambada_by_distance(env["model"], env["tok"], data_dir=env["data"], near=3)
+    same = ligerfx.transform(copy.deepcopy(env["model"]), config=ligerfx.LigerConfig(window=512, mix=0.0)).eval()
+    out = ld.drift(same, env["tok"], items, near=3)
+    n_layers = env["model"].config.num_hidden_layers
+    for b, r in out.items():
+        assert r["n"] == ref["buckets"][b]["n"]
+        if r["n"]:
+            assert r["acc"] == pytest.approx(ref["buckets"][b]["acc"])
+            assert len(r["drift_per_layer"]) == n_layers and max(r["drift_per_layer"]) < 1e-10
+    liger = ligerfx.transform(copy.deepcopy(env["model"]), config=ligerfx.LigerConfig(window=2, mix=0.5)).eval()
+    out = ld.drift(liger, env["tok"], items, near=3)
+    assert all(d > 1e-4 for r in out.values() if r["n"] for d in r["drift_per_layer"])
+
+
+def test_layer_drift_rejects_a_variant_without_flags():
+    ld = _layer_drift_module()
+    with pytest.raises(SystemExit, match="NAME=FLAGS"):
+        ld.parse_variant("no-equals-sign", [])
+    with pytest.raises(SystemExit, match="give --variant and/or --adapter"):
+        ld.parse_variant("teacher=--limit 3", ["--model", "x"])
