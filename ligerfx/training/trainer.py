@@ -597,6 +597,10 @@ class RunLog:
         val = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
         if val:
             ax.plot(*zip(*val), "o-", ms=4, label="validation loss")
+        for key, label in (("ce", "cross-entropy"), ("kl", "KL to the teacher"), ("at", "attention transfer")):
+            terms = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if terms and (key != "ce" or len(terms) == len(rows) and any(r.get("kl") is not None for r in rows)):
+                ax.plot(*zip(*terms), lw=0.7, alpha=0.6, ls="--", label=f"{label} (unweighted)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats / target token)")
         ax.grid(alpha=0.3)
