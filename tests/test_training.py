@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import ligerfx
 from ligerfx.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ligerfx.config import LigerConfig
 from ligerfx.training import cli
@@ -331,24 +332,18 @@ def test_compile_matches_eager(workdir, tmp_path):
 
 # --------------------------------------------------------------------------------------------- attention transfer
 def _transfer_inputs(workdir, config, passes=("linearize",)):
-    import ligerfx
-    from ligerfx.training.data import IGNORE_INDEX as IGN
-
     model = LlamaForCausalLM.from_pretrained(workdir["model"]).eval()
     ligerfx.transform(model, passes=list(passes), config=config)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, model.config.vocab_size, (2, 40), generator=g)
     labels = ids.clone()
-    labels[0, :7] = IGN  # a prompt part without loss, as in Alpaca records
+    labels[0, :7] = IGNORE_INDEX  # a prompt part without loss, as in Alpaca records
     return model, ids, labels
 
 
 def _reference_transfer(model, ids, labels):
     """float64, with the test's own hooks on ``model.model.layers[i].self_attn``: sum over target tokens of the mean
     over layers of ||s - t||^2 / mean ||t||^2, where token p is a target if labels[p + 1] is not ignored."""
-    import ligerfx
-    from ligerfx.training.data import IGNORE_INDEX as IGN
-
     def run(teacher):
         outs = []
         hooks = [layer.self_attn.register_forward_hook(lambda m, a, o: outs.append(o[0].double()))
@@ -360,7 +355,7 @@ def _reference_transfer(model, ids, labels):
         return outs
 
     t_outs, s_outs = run(True), run(False)
-    target = labels[:, 1:] != IGN  # [B, T-1]: position p predicts labels[p + 1]
+    target = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: position p predicts labels[p + 1]
     total = 0.0
     for t, s in zip(t_outs, s_outs):
         t, s = t[:, :-1][target], s[:, :-1][target]
@@ -461,3 +456,10 @@ def test_attention_transfer_gradient_under_gradient_checkpointing(workdir):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_micro_step_loss_refuses_attn_transfer_without_the_teacher_forward(workdir):
+    model, ids, labels = _transfer_inputs(workdir, LigerConfig(window=4, mix=0.5))
+    with pytest.raises(ValueError, match="distill"):
+        micro_step_loss(model, model, ids, labels, keep_arg=True, distill=False, temperature=1.0,
+                        device=torch.device("cpu"), precision="fp32", attn_transfer=True)

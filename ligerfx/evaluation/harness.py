@@ -147,6 +147,13 @@ def last_mention_distance(tokenizer, context: str, word: str) -> Optional[int]:
     return len(tokenizer(context).input_ids) - len(tokenizer(context[:hits[-1]].rstrip()).input_ids)
 
 
+def distance_bucket(tokenizer, item: dict, near: int) -> str:
+    """``"near"`` / ``"far"`` / ``"absent"``: where a LAMBADA item's target word was last mentioned (see
+    :func:`last_mention_distance`; near = at most ``near`` tokens before the end of the context)."""
+    dist = last_mention_distance(tokenizer, item["context"], item["continuation"])
+    return "absent" if dist is None else "near" if dist <= near else "far"
+
+
 @torch.no_grad()
 def lambada_by_distance(model, tokenizer, data_dir: Optional[os.PathLike] = None, limit: Optional[int] = None,
                         near: int = 60) -> Dict[str, Any]:
@@ -167,8 +174,7 @@ def lambada_by_distance(model, tokenizer, data_dir: Optional[os.PathLike] = None
         ids = torch.tensor([ctx + tgt], device=dev)
         pred = model(input_ids=ids, use_cache=False).logits[0, len(ctx) - 1:-1].argmax(-1)
         ok = bool((pred == ids[0, len(ctx):]).all())
-        dist = last_mention_distance(tokenizer, it["context"], it["continuation"])
-        buckets["absent" if dist is None else "near" if dist <= near else "far"].append(ok)
+        buckets[distance_bucket(tokenizer, it, near)].append(ok)
     n = sum(len(v) for v in buckets.values())
     return {
         "n": n, "near": near, "seconds": time.time() - t0,

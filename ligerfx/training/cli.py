@@ -140,8 +140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_args(args) -> str:
     """The first problem with a combination of options, or ''."""
-    at = getattr(args, "attn_transfer", 0.0) or 0.0
-    if at < 0 or getattr(args, "ce_weight", 1.0) < 0 or args.distill_weight < 0:
+    at, ce = getattr(args, "attn_transfer", 0.0) or 0.0, getattr(args, "ce_weight", 1.0)
+    if at < 0 or ce < 0 or args.distill_weight < 0:
         return "--ce-weight, --distill-weight and --attn-transfer must be >= 0"
     if at and not args.distill:
         return "--attn-transfer compares with the teacher forward that --distill runs: add --distill " \
@@ -149,7 +149,7 @@ def check_args(args) -> str:
     if at and getattr(args, "compile", False):
         return "--attn-transfer reads each attention module's output through forward hooks, which --compile " \
                "does not support yet: drop one of them"
-    if not getattr(args, "ce_weight", 1.0) and not (args.distill and (args.distill_weight or at)):
+    if not ce and not (args.distill and (args.distill_weight or at)):
         return "--ce-weight 0 leaves no loss: add --distill (with a non-zero --distill-weight or --attn-transfer)"
     return ""
 

@@ -279,15 +279,17 @@ def micro_step_loss(model, bare, input_ids, labels, *, keep_arg: bool, distill: 
     ``model`` runs the student forward (``bare``, its DDP wrapper or a compiled one); ``teacher`` (default ``bare``)
     the teacher forward, called with ``bare`` in teacher mode and its LoRA layers off. With ``attn_transfer`` both
     forwards also record the output of every linearized attention module (see :func:`attention_transfer`)."""
+    if attn_transfer and not distill:
+        raise ValueError("attn_transfer compares with the teacher forward that distill runs: pass distill=True")
     pos = _target_positions(labels)
     targets = labels[:, 1:][:, pos]
     t_outs, s_outs = [], []
     if distill:
         teacher_mode = _ligerfx_fn("teacher_mode")
         with torch.no_grad(), teacher_mode(bare), lora_disabled(bare), autocast_context(device, precision), \
-                _attention_outputs(bare, t_outs if attn_transfer else None):
+                attention_outputs(bare, t_outs if attn_transfer else None):
             t_logits = _logits(bare if teacher is None else teacher, input_ids, pos, keep_arg)
-    with autocast_context(device, precision), _attention_outputs(bare, s_outs if attn_transfer else None):
+    with autocast_context(device, precision), attention_outputs(bare, s_outs if attn_transfer else None):
         logits = _logits(model, input_ids, pos, keep_arg)
     logits = logits.float()
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -300,7 +302,7 @@ def micro_step_loss(model, bare, input_ids, labels, *, keep_arg: bool, distill: 
 
 
 @contextlib.contextmanager
-def _attention_outputs(bare, sink: Optional[list]):
+def attention_outputs(bare, sink: Optional[list]):
     """Append the output of every linearized attention module of ``bare`` to ``sink`` while inside (nothing if
     ``sink`` is None). The hooks sit on the modules, so they see the teacher-mode forward too."""
     if sink is None:
@@ -597,10 +599,11 @@ class RunLog:
         val = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
         if val:
             ax.plot(*zip(*val), "o-", ms=4, label="validation loss")
-        for key, label in (("ce", "cross-entropy"), ("kl", "KL to the teacher"), ("at", "attention transfer")):
-            terms = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if terms and (key != "ce" or len(terms) == len(rows) and any(r.get("kl") is not None for r in rows)):
-                ax.plot(*zip(*terms), lw=0.7, alpha=0.6, ls="--", label=f"{label} (unweighted)")
+        if any(r.get("kl") is not None for r in rows):  # a loss of several terms: draw each one
+            for key, label in (("ce", "cross-entropy"), ("kl", "KL to the teacher"), ("at", "attention transfer")):
+                terms = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                if terms:
+                    ax.plot(*zip(*terms), lw=0.7, alpha=0.6, ls="--", label=f"{label} (unweighted)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats / target token)")
         ax.grid(alpha=0.3)
