@@ -70,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-samples", type=int, default=200,
                    help="hold out the first N records of --data for validation loss (the official split) [200]")
     g.add_argument("--seq-len", type=int, default=1024, help="packed chunk length [1024]")
+    g.add_argument("--packing", choices=("concat", "aligned"), default="concat",
+                   help="concat: samples back to back, cut every seq-len tokens (the Liger recipe); aligned: every "
+                        "chunk starts at a sample's BOS, the sample that overflows is cut, so the window's sink "
+                        "tokens are a real start of text as at inference [concat]")
     g.add_argument("-o", "--output-dir", required=True, help="run folder: log.csv, loss.png, checkpoints, adapter")
 
     g = p.add_argument_group("optimization")

@@ -10,7 +10,11 @@ Record schemas, detected per file from its first record and then required of eve
 
 Every sample is ``[BOS] prompt response [EOS]`` (BOS only when the tokenizer has one); labels are ``-100`` on BOS and
 prompt, the token id on response and EOS. Samples are shuffled per epoch (seeded), concatenated and cut into
-``seq_len`` chunks, the remainder dropped: packing across samples without document masking, as the Liger recipe does.
+``seq_len`` chunks, the remainder dropped: packing across samples without document masking, as the Liger recipe does
+(``packing="concat"``). ``packing="aligned"`` starts every chunk at a sample's first token (its BOS), so the first
+tokens of a chunk -- the attention sinks of the window branch -- are what they are at inference; samples fill the chunk
+in order and the one that overflows it is cut there (its tail is not trained on); a sample longer than ``seq_len``
+gives ``seq_len`` pieces and its last piece is filled up the same way.
 Several corpora mix by chunk: each global chunk index draws its source from a seeded schedule with the given weights,
 and each source cycles through its own epochs. Everything is a pure function of (files, tokenizer, seed), so a resumed
 run can seek to any chunk index.
@@ -27,6 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 IGNORE_INDEX = -100
+PACKINGS = ("concat", "aligned")
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -48,7 +53,7 @@ SCHEMAS = {
 }
 
 __all__ = ["DataError", "Record", "read_records", "alpaca_prompt", "tokenize_records", "Source", "ChunkStream",
-           "IGNORE_INDEX", "parse_count", "pack_in_order"]
+           "IGNORE_INDEX", "PACKINGS", "parse_count", "pack_in_order"]
 
 
 class DataError(ValueError):
@@ -177,27 +182,78 @@ def tokenize_records(records: Sequence[Record], tokenizer, batch_size: int = 102
 class Source:
     """One corpus as an endless, seekable stream of packed chunks (epoch after epoch, reshuffled each epoch)."""
 
-    def __init__(self, name: str, samples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, seed: int):
-        self.name, self.samples, self.seq_len, self.seed = name, samples, seq_len, seed
+    def __init__(self, name: str, samples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, seed: int,
+                 packing: str = "concat"):
+        if packing not in PACKINGS:
+            raise ValueError(f"packing={packing!r}: expected one of {PACKINGS}")
+        self.name, self.samples, self.seq_len, self.seed, self.packing = name, samples, seq_len, seed, packing
         self.tokens_per_epoch = int(sum(len(ids) for ids, _ in samples))
-        self.chunks_per_epoch = self.tokens_per_epoch // seq_len
-        if self.chunks_per_epoch == 0:
-            raise DataError(f"{name}: {self.tokens_per_epoch} tokens in all, fewer than one {seq_len}-token chunk")
         self._epoch: Optional[int] = None
         self._ids = self._labels = None
+        # aligned packing gives a different chunk count per epoch (it depends on the order): epoch e starts at global
+        # chunk self._starts[e]; chunks_per_epoch is epoch 0's count (for logs and --epochs)
+        self._starts = [0]
+        if packing == "aligned":
+            self.chunks_per_epoch = len(self._aligned_spans(self._order(0)))
+        else:
+            self.chunks_per_epoch = self.tokens_per_epoch // seq_len
+        if self.chunks_per_epoch == 0:
+            raise DataError(f"{name}: {self.tokens_per_epoch} tokens in all, fewer than one {seq_len}-token chunk")
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+
+    def _aligned_spans(self, order) -> list[list[tuple[int, int, int]]]:
+        """Chunks as lists of ``(sample, start, stop)`` slices; every chunk starts at a sample's start (or at a
+        ``seq_len`` boundary inside a longer sample) and holds exactly ``seq_len`` tokens; an incomplete last chunk
+        is dropped."""
+        L = self.seq_len
+        chunks, cur, used = [], [], 0
+        for i in order:
+            n = len(self.samples[i][0])
+            start = 0
+            if not cur:  # a sample opens the chunk: full pieces of a long one first
+                while n - start >= L:
+                    chunks.append([(i, start, start + L)])
+                    start += L
+                if start == n:
+                    continue
+            take = min(n - start, L - used)
+            cur.append((i, start, start + take))
+            used += take
+            if used == L:  # full: the rest of this sample is dropped, the next chunk opens with the next sample
+                chunks.append(cur)
+                cur, used = [], 0
+        return chunks
 
     def _pack(self, epoch: int) -> None:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
-        ids = np.concatenate([self.samples[i][0] for i in order])
-        labels = np.concatenate([self.samples[i][1] for i in order])
-        n = self.chunks_per_epoch * self.seq_len
-        self._ids = ids[:n].reshape(-1, self.seq_len)
-        self._labels = labels[:n].reshape(-1, self.seq_len)
+        order = self._order(epoch)
+        if self.packing == "aligned":
+            spans = self._aligned_spans(order)
+            ids = np.stack([np.concatenate([self.samples[i][0][a:b] for i, a, b in c]) for c in spans])
+            labels = np.stack([np.concatenate([self.samples[i][1][a:b] for i, a, b in c]) for c in spans])
+            self._ids, self._labels = ids, labels
+        else:
+            ids = np.concatenate([self.samples[i][0] for i in order])
+            labels = np.concatenate([self.samples[i][1] for i in order])
+            n = self.chunks_per_epoch * self.seq_len
+            self._ids = ids[:n].reshape(-1, self.seq_len)
+            self._labels = labels[:n].reshape(-1, self.seq_len)
         self._epoch = epoch
+
+    def _epoch_of(self, index: int) -> tuple[int, int]:
+        if self.packing != "aligned":
+            return divmod(index, self.chunks_per_epoch)
+        while self._starts[-1] <= index:  # extend the table of epoch starts (pure function of the seed)
+            e = len(self._starts) - 1
+            n = self.chunks_per_epoch if e == 0 else len(self._aligned_spans(self._order(e)))
+            self._starts.append(self._starts[-1] + n)
+        e = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return e, index - self._starts[e]
 
     def chunk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``index``-th chunk of the endless stream: ``(input_ids, labels)``, each ``[seq_len]``."""
-        epoch, local = divmod(index, self.chunks_per_epoch)
+        epoch, local = self._epoch_of(index)
         if epoch != self._epoch:
             self._pack(epoch)
         return self._ids[local], self._labels[local]

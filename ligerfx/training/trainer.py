@@ -45,7 +45,7 @@ LOG_FIELDS = ["step", "tokens", "epoch", "loss", "ce", "kl", "at", "lr", "grad_n
               "val_loss"]
 # args that must not change when a run is resumed (the loss curve would no longer continue the same run)
 RESUME_INVARIANTS = [
-    "model", "data", "mix_data", "max_samples", "val_samples", "seq_len", "batch_size", "lr", "min_lr_ratio",
+    "model", "data", "mix_data", "max_samples", "val_samples", "seq_len", "packing", "batch_size", "lr", "min_lr_ratio",
     "warmup_steps", "weight_decay", "beta1", "beta2", "max_grad_norm", "max_tokens", "epochs", "seed", "distill",
     "distill_weight", "distill_temperature", "ce_weight", "attn_transfer", "lora_r", "lora_alpha", "lora_dropout",
     "lora_targets", "window", "liger_mix", "gate_normalizer", "variant", "sinks", "layers", "only_full_attention",
@@ -200,7 +200,8 @@ def build_sources(args, read, tokenizer, log) -> tuple[list[Source], list[float]
         recs = train_records if i == 0 else records
         t0 = time.time()
         samples = tokenize_records(recs, tokenizer)
-        src = Source(str(path), samples, args.seq_len, seed=args.seed * 1000 + i)
+        src = Source(str(path), samples, args.seq_len, seed=args.seed * 1000 + i,
+                     packing=getattr(args, "packing", "concat"))
         sources.append(src)
         weights.append(1.0 - mix_total if i == 0 else weight)
         log(f"data {path}: {schema}, {len(recs)} records, {src.tokens_per_epoch:,} tokens/epoch "
