@@ -74,6 +74,30 @@ def losses(run_dir):
     return [r["loss"] for r in read_log(run_dir / "log.csv")]
 
 
+def test_cli_packing_aligned(workdir, tmp_path, monkeypatch):
+    """--packing aligned reaches the data pipeline: every sequence the model trains on starts with BOS (with the
+    default concat packing most do not, so the check can fail), and is recorded for --resume."""
+    import ligerfx.training.trainer as trainer_mod
+
+    made = []
+    real = trainer_mod.Source
+
+    def spy(*a, **k):
+        src = real(*a, **k)
+        made.append(src)
+        return src
+
+    monkeypatch.setattr(trainer_mod, "Source", spy)
+    bos = workdir["tokenizer"].bos_token_id
+    for packing, all_bos in (("aligned", True), ("concat", False)):
+        out = tmp_path / packing
+        assert train(workdir, out, "--max-tokens", str(4 * 2 * 48), "--packing", packing) == 0
+        src = made[-1]
+        firsts = [int(src.chunk(i)[0][0]) == bos for i in range(4 * 2)]
+        assert all(firsts) if all_bos else not all(firsts)
+        assert json.loads((out / "training_args.json").read_text())["args"]["packing"] == packing
+
+
 def test_loss_decreases_and_run_folder(workdir, tmp_path):
     out = tmp_path / "run"
     assert train(workdir, out, "--max-tokens", str(10 * 2 * 48), "--lr", "5e-2") == 0
