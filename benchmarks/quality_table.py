@@ -98,17 +98,19 @@ def plot(tasks: dict, cols: list, recipes: dict, out: dict, path: str) -> None:
     a.legend(fontsize=8, ncol=2)
     a.grid(axis="y", alpha=0.3)
     base = {t: tasks[t]["swa_sinks"] for t in names}
+    step = min(0.08, 0.8 / max(len(recipes), 1))  # keep each task's recipe dots inside its own slot
+    markers = "osD^v<>ph"
     for k, (name, r) in enumerate(recipes.items()):
         ys = [r["tasks"][t][METRIC[t]] - base[t] for t in names if t in r["tasks"]]
-        xs = [j + (k - (len(recipes) - 1) / 2) * 0.08 for j, t in enumerate(names) if t in r["tasks"]]
-        b.plot(xs, ys, "o", ms=5, label=name)
+        xs = [j + (k - (len(recipes) - 1) / 2) * step for j, t in enumerate(names) if t in r["tasks"]]
+        b.plot(xs, ys, markers[k // 10 % len(markers)], ms=4, label=name)
     shipped = [tasks[t]["ligerfx"] - base[t] for t in names]
     b.plot(range(len(names)), shipped, "k*", ms=12, label="ligerfx (shipped adapter)")
     b.axhline(0, color="k", lw=1)
     b.set_xticks(range(len(names)), names, fontsize=8)
     b.set_ylabel("points above the sink baseline (swa_sinks)")
     b.set_title("trained recipes vs the training-free sink baseline (target: > 0 everywhere)", fontsize=10)
-    b.legend(fontsize=6.5, loc="lower left")
+    b.legend(fontsize=5.5, loc="lower left", ncol=2)
     b.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
