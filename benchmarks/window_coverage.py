@@ -64,13 +64,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON to write")
     args = p.parse_args(argv)
 
-    from transformers import AutoTokenizer
+    from ligerfx.models import load_tokenizer
 
-    from ligerfx.models import resolve_spec
-
-    directory, gguf = resolve_spec(args.model)
-    tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
-                                        **({"gguf_file": gguf} if gguf else {}))
+    tok = load_tokenizer(args.model)
     bos = 1 if tok.bos_token_id is not None else 0
 
     def count(text: str) -> int:

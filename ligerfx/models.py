@@ -14,7 +14,7 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["load_model", "resolve_spec", "cache_dir", "PACKAGED_MODELS", "is_ligerfx_dir"]
+__all__ = ["load_model", "load_tokenizer", "resolve_spec", "cache_dir", "PACKAGED_MODELS", "is_ligerfx_dir"]
 
 # name -> (python module with ``assemble``, file name of the assembled gguf)
 PACKAGED_MODELS = {
@@ -113,6 +113,15 @@ def is_ligerfx_dir(path: Union[str, os.PathLike]) -> bool:
         return False
 
 
+def load_tokenizer(spec: Union[str, os.PathLike]):
+    """The tokenizer of a local spec (see :func:`resolve_spec`), offline, without loading the weights."""
+    from transformers import AutoTokenizer
+
+    directory, gguf = resolve_spec(spec)
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                         **({"gguf_file": gguf} if gguf is not None else {}))
+
+
 def load_model(
     spec: Union[str, os.PathLike],
     dtype: Union[str, torch.dtype, None] = torch.float32,
@@ -126,19 +135,17 @@ def load_model(
     ``config.ligerfx``) is loaded through ``ligerfx.from_pretrained`` so that it comes back linearized.
     Extra ``kwargs`` go to ``AutoModelForCausalLM.from_pretrained``. The model is returned in eval mode.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     directory, gguf = resolve_spec(spec)
     torch_dtype = _as_dtype(dtype)
-    tok_kwargs = {"local_files_only": True}
     model_kwargs = dict(local_files_only=True, **kwargs)
     if torch_dtype is not None:
         model_kwargs["dtype"] = torch_dtype
     if gguf is not None:
-        tok_kwargs["gguf_file"] = gguf
         model_kwargs["gguf_file"] = gguf
 
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), **tok_kwargs)
+    tokenizer = load_tokenizer(spec)
     if gguf is None and is_ligerfx_dir(directory):
         import ligerfx
 

@@ -193,8 +193,9 @@ class Source:
         # aligned packing gives a different chunk count per epoch (it depends on the order): epoch e starts at global
         # chunk self._starts[e]; chunks_per_epoch is epoch 0's count (for logs and --epochs)
         self._starts = [0]
+        self._spans: dict = {}  # epoch -> its aligned chunks, kept from counting until packing
         if packing == "aligned":
-            self.chunks_per_epoch = len(self._aligned_spans(self._order(0)))
+            self.chunks_per_epoch = len(self._aligned_spans(0))
         else:
             self.chunks_per_epoch = self.tokens_per_epoch // seq_len
         if self.chunks_per_epoch == 0:
@@ -203,13 +204,15 @@ class Source:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
 
-    def _aligned_spans(self, order) -> list[list[tuple[int, int, int]]]:
-        """Chunks as lists of ``(sample, start, stop)`` slices; every chunk starts at a sample's start (or at a
-        ``seq_len`` boundary inside a longer sample) and holds exactly ``seq_len`` tokens; an incomplete last chunk
-        is dropped."""
+    def _aligned_spans(self, epoch: int) -> list[list[tuple[int, int, int]]]:
+        """Epoch ``epoch``'s chunks as lists of ``(sample, start, stop)`` slices; every chunk starts at a sample's
+        start (or at a ``seq_len`` boundary inside a longer sample) and holds exactly ``seq_len`` tokens; an
+        incomplete last chunk is dropped. Cached per epoch (only the latest two are kept)."""
+        if epoch in self._spans:
+            return self._spans[epoch]
         L = self.seq_len
         chunks, cur, used = [], [], 0
-        for i in order:
+        for i in self._order(epoch):
             n = len(self.samples[i][0])
             start = 0
             if not cur:  # a sample opens the chunk: full pieces of a long one first
@@ -224,16 +227,18 @@ class Source:
             if used == L:  # full: the rest of this sample is dropped, the next chunk opens with the next sample
                 chunks.append(cur)
                 cur, used = [], 0
+        self._spans = {e: c for e, c in self._spans.items() if e == epoch - 1}
+        self._spans[epoch] = chunks
         return chunks
 
     def _pack(self, epoch: int) -> None:
-        order = self._order(epoch)
         if self.packing == "aligned":
-            spans = self._aligned_spans(order)
+            spans = self._aligned_spans(epoch)
             ids = np.stack([np.concatenate([self.samples[i][0][a:b] for i, a, b in c]) for c in spans])
             labels = np.stack([np.concatenate([self.samples[i][1][a:b] for i, a, b in c]) for c in spans])
             self._ids, self._labels = ids, labels
         else:
+            order = self._order(epoch)
             ids = np.concatenate([self.samples[i][0] for i in order])
             labels = np.concatenate([self.samples[i][1] for i in order])
             n = self.chunks_per_epoch * self.seq_len
@@ -246,7 +251,7 @@ class Source:
             return divmod(index, self.chunks_per_epoch)
         while self._starts[-1] <= index:  # extend the table of epoch starts (pure function of the seed)
             e = len(self._starts) - 1
-            n = self.chunks_per_epoch if e == 0 else len(self._aligned_spans(self._order(e)))
+            n = len(self._aligned_spans(e))
             self._starts.append(self._starts[-1] + n)
         e = int(np.searchsorted(self._starts, index, side="right")) - 1
         return e, index - self._starts[e]
@@ -257,6 +262,7 @@ class Source:
         if epoch != self._epoch:
             self._pack(epoch)
         return self._ids[local], self._labels[local]
+
 
 class ChunkStream:
     """Global chunk index -> (source, chunk): a seeded draw of the source per index, by weight."""
