@@ -6,6 +6,8 @@ A ``LigerLayer`` replaces the KV-cache layer HF created for a linearized attenti
 * the GLA state, fp32, ``[B, HKV, K, V]`` — once per KV head;
 * a ring of the last ``window`` RoPE'd keys/values ``[B, HKV, window, D]`` in the model dtype with their positions
   ``[B, window]`` (``-1`` = empty), and ``sinks`` sink slots for the window+sinks variant;
+* for ``variant="complementary"`` also the ring tokens' pre-RoPE keys and gate inputs (``win_kp``, ``win_gs``), so
+  that a token enters the GLA state (``[B, HKV, K, V + 1]``, the last column its normaliser) when it leaves the ring;
 * the count of valid tokens seen per sequence ``[B]`` (positions continue across calls, left padding included) and
   the count of tokens fed, padding included (HF's sequence length), as a 0-d tensor.
 
@@ -34,8 +36,9 @@ from typing import Optional
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-_BUFFERS = ("state", "seen", "length", "win_k", "win_v", "win_pos", "sink_k", "sink_v", "sink_pos")
-_PER_SEQUENCE = ("state", "seen", "win_k", "win_v", "win_pos", "sink_k", "sink_v", "sink_pos")
+_BUFFERS = ("state", "seen", "length", "win_k", "win_v", "win_pos", "sink_k", "sink_v", "sink_pos", "win_kp",
+            "win_gs")
+_PER_SEQUENCE = ("state", "seen", "win_k", "win_v", "win_pos", "sink_k", "sink_v", "sink_pos", "win_kp", "win_gs")
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -54,6 +57,9 @@ class LigerLayer(CacheLayerMixin):
         sliding_window (int, Optional): that layer's window. Default: None.
         recurrent (bool): keep a GLA state (False for the window-only ``swa_sinks`` variant). Default: True.
         windowed (bool): keep the ring and sink slots (False for pure GLA, ``mix=1``). Default: True.
+        complementary (bool): ``variant="complementary"``: the state holds only tokens that left the ring, so the
+            ring also keeps their pre-RoPE keys and gate inputs, and the state has one more value column (the
+            normaliser). Default: False.
     """
 
     is_compileable = True
@@ -61,8 +67,11 @@ class LigerLayer(CacheLayerMixin):
     supports_early_init = False  # HF's early init passes key shapes only; use ``allocate`` or ``new_cache``
 
     def __init__(self, window: int, sinks: int = 0, is_sliding: bool = False, sliding_window: Optional[int] = None,
-                 recurrent: bool = True, windowed: bool = True):
+                 recurrent: bool = True, windowed: bool = True, complementary: bool = False):
         super().__init__()
+        self.complementary = bool(complementary)
+        if self.complementary and not (recurrent and windowed):
+            raise ValueError("LigerLayer: complementary=True needs both the state and the ring")
         self.window, self.sinks = int(window), int(sinks)
         self.is_sliding, self.sliding_window = bool(is_sliding), sliding_window
         self.recurrent, self.windowed = bool(recurrent), bool(windowed)
@@ -71,6 +80,7 @@ class LigerLayer(CacheLayerMixin):
         self.length: Optional[torch.Tensor] = None  # [] tokens fed so far, padding included
         self.win_k = self.win_v = self.win_pos = None
         self.sink_k = self.sink_v = self.sink_pos = None
+        self.win_kp = self.win_gs = None
         self._host_length: Optional[int] = 0  # host copy of ``length``; None once compiled/replayed steps ran
         self._fresh = True  # nothing fed yet
         self._layers: Optional[list] = None  # the owning cache's layer list (for the mask sizes)
@@ -84,11 +94,14 @@ class LigerLayer(CacheLayerMixin):
         new = dict(seen=torch.zeros(B, dtype=torch.long, device=device),
                    length=torch.zeros((), dtype=torch.long, device=device))
         if self.recurrent:
-            new["state"] = torch.zeros(B, H, K, V, dtype=torch.float32, device=device)
+            new["state"] = torch.zeros(B, H, K, V + self.complementary, dtype=torch.float32, device=device)
         if self.windowed and self.window > 0:
             new.update(win_k=torch.zeros(B, H, self.window, K, dtype=dtype, device=device),
                        win_v=torch.zeros(B, H, self.window, V, dtype=dtype, device=device),
                        win_pos=torch.full((B, self.window), -1, dtype=torch.long, device=device))
+            if self.complementary:
+                new.update(win_kp=torch.zeros(B, H, self.window, K, dtype=dtype, device=device),
+                           win_gs=torch.zeros(B, H, self.window, K, dtype=dtype, device=device))
         if self.windowed and self.sinks > 0:
             new.update(sink_k=torch.zeros(B, H, self.sinks, K, dtype=dtype, device=device),
                        sink_v=torch.zeros(B, H, self.sinks, V, dtype=dtype, device=device),
@@ -133,9 +146,8 @@ class LigerLayer(CacheLayerMixin):
             # oldest first: the window kernels skip key blocks by position range, so valid key positions must be
             # non-decreasing (slot seen % window holds the oldest token)
             B, H, W, _ = self.win_k.shape
-            order = (self.seen[:, None] + torch.arange(W, device=self.seen.device)) % W  # [B, W]
-            wk = self.win_k.gather(2, order[:, None, :, None].expand(B, H, W, self.win_k.shape[-1]))
-            wv = self.win_v.gather(2, order[:, None, :, None].expand(B, H, W, self.win_v.shape[-1]))
+            order = self._ring_order()
+            wk, wv = self._gather_ring(self.win_k, order), self._gather_ring(self.win_v, order)
             wp = self.win_pos.gather(1, order)
             if self.sinks:  # tokens already in the sink slots must not be counted twice
                 wp = wp.masked_fill(wp < self.sinks, -1)
@@ -145,21 +157,44 @@ class LigerLayer(CacheLayerMixin):
         ks.append(k.to(ks[0].dtype)), vs.append(v.to(vs[0].dtype)), ps.append(pos)
         return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(ps, 1)
 
-    def advance(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+    def history(self):
+        """The ring oldest-first for ``variant="complementary"``: pre-RoPE keys, values, gate inputs
+        (``[B, HKV, window, ·]``) and positions (``[B, window]``, ``-1`` = empty). These tokens are in the window,
+        not yet in the state."""
+        order = self._ring_order()
+        return (self._gather_ring(self.win_kp, order), self._gather_ring(self.win_v, order),
+                self._gather_ring(self.win_gs, order), self.win_pos.gather(1, order))
+
+    def _ring_order(self) -> torch.Tensor:
+        W = self.win_pos.shape[1]
+        return (self.seen[:, None] + torch.arange(W, device=self.seen.device)) % W  # [B, W], oldest first
+
+    @staticmethod
+    def _gather_ring(buf: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        B, H, W, D = buf.shape
+        return buf.gather(2, order[:, None, :, None].expand(B, H, W, D))
+
+    def advance(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, extra=None) -> None:
         """Account for T new tokens (positions ``pos`` ``[B, T]``, ``-1`` = padding): ring, sinks and counters, in
-        place. Only the last ``window`` valid tokens of a sequence can reach the ring."""
+        place. Only the last ``window`` valid tokens of a sequence can reach the ring. ``extra``: the tokens'
+        ``(pre-RoPE keys, gate inputs)`` for the complementary ring."""
         T = k.shape[2]
         valid = pos >= 0
+        if self.complementary and extra is None:
+            raise ValueError("LigerLayer.advance: a complementary ring needs extra=(k_pre, gate_src)")
         with torch.no_grad():
             if self.win_k is not None:
+                pairs = [(self.win_k, k), (self.win_v, v)]
+                if self.complementary:
+                    pairs += [(self.win_kp, extra[0]), (self.win_gs, extra[1])]
                 if T == 1:
-                    self._write_one(k, v, pos, valid[:, 0])
+                    self._write_one(pairs, pos, valid[:, 0])
                 else:
-                    self._write_slots(self.win_k, self.win_v, self.win_pos, k, v, valid,
+                    self._write_slots(pairs, self.win_pos, valid,
                                       _ring_positions(self.seen + valid.sum(1), self.window))
             if self.sink_k is not None:
                 slots = torch.arange(self.sinks, device=pos.device).expand(pos.shape[0], self.sinks)
-                self._write_slots(self.sink_k, self.sink_v, self.sink_pos, k, v, valid, slots)
+                self._write_slots([(self.sink_k, k), (self.sink_v, v)], self.sink_pos, valid, slots)
         self.count(valid.sum(1), T)
 
     def count(self, n_valid: torch.Tensor, T: int) -> None:
@@ -178,19 +213,22 @@ class LigerLayer(CacheLayerMixin):
         elif self._host_length is not None:
             self._host_length += T
 
-    def _write_one(self, k, v, pos, valid):
-        """Decode step: token ``p`` into slot ``p % window`` (a padded token rewrites the slot's old contents)."""
-        B, H = k.shape[:2]
+    def _write_one(self, pairs, pos, valid):
+        """Decode step: token ``p`` into slot ``p % window`` (a padded token rewrites the slot's old contents).
+        ``pairs``: (ring buffer, this token's tensor) for each ring of the layer."""
+        B, H = pairs[0][1].shape[:2]
         slot = (self.seen % self.window)[:, None]  # [B, 1]: a valid token's position is ``seen``
         keep = ~valid[:, None]
-        for buf, new in ((self.win_k, k), (self.win_v, v)):
+        for buf, new in pairs:
             idx = slot[:, None, :, None].expand(B, H, 1, buf.shape[-1])
             buf.scatter_(2, idx, torch.where(keep[:, None, :, None], buf.gather(2, idx), new.to(buf.dtype)))
         self.win_pos.scatter_(1, slot, torch.where(keep, self.win_pos.gather(1, slot), pos))
 
-    def _write_slots(self, buf_k, buf_v, buf_pos, k, v, valid, want):
+    def _write_slots(self, pairs, buf_pos, valid, want):
         """Slot ``s`` of a sequence gets the new token at position ``want[b, s]`` when that token is in this call;
-        other slots keep their contents. Static shapes for any T (prefill longer than the ring included)."""
+        other slots keep their contents. Static shapes for any T (prefill longer than the ring included).
+        ``pairs``: (buffer, this call's tokens) for each buffer written at these slots."""
+        k = pairs[0][1]
         B, H, T, _ = k.shape
         rank = want - self.seen[:, None]  # [B, S] index of the wanted token among this call's valid tokens
         take = (rank >= 0) & (rank < valid.sum(1, keepdim=True)) & (want >= 0)
@@ -199,7 +237,7 @@ class LigerLayer(CacheLayerMixin):
         t_of_r = torch.zeros(B, T + 1, dtype=torch.long, device=k.device)
         t_of_r.scatter_(1, r_of_t, torch.arange(T, device=k.device).expand(B, T))
         t = t_of_r.gather(1, rank.clamp(0, T))  # [B, S]
-        for buf, new in ((buf_k, k), (buf_v, v)):
+        for buf, new in pairs:
             idx = t[:, None, :, None].expand(B, H, t.shape[1], buf.shape[-1])
             buf.copy_(torch.where(take[:, None, :, None], new.to(buf.dtype).gather(2, idx), buf))
         buf_pos.copy_(torch.where(take, want, buf_pos))
@@ -335,7 +373,8 @@ def liger_layer(cache: Cache, layer_idx: int, config) -> LigerLayer:
                            f"({type(layer).__name__}); a recurrent state cannot be rebuilt from them")
     new = LigerLayer(config.window, config.n_sinks, is_sliding=getattr(layer, "is_sliding", False),
                      sliding_window=getattr(layer, "sliding_window", None),
-                     recurrent=config.recurrent_weight > 0, windowed=config.recurrent_weight < 1)
+                     recurrent=config.recurrent_weight > 0, windowed=config.recurrent_weight < 1,
+                     complementary=config.variant == "complementary")
     new._layers = layers
     layers[layer_idx] = new
     return new

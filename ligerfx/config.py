@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-VARIANTS = ("gla", "swa_sinks")
+VARIANTS = ("gla", "swa_sinks", "complementary")
 FEATURE_MAPS = ("softmax",)
 
 
@@ -17,12 +17,14 @@ class LigerConfig:
         window (int): previous tokens each query sees in the softmax window branch, besides itself. The official
             Liger code attends to itself plus 64 previous keys (65 in all); ``window=64`` reproduces that.
         mix (float): weight of the recurrent (GLA) branch; the window branch gets ``1 - mix``. ``1.0`` is pure GLA.
+            Not used by ``"complementary"`` (its split is the shared normaliser's; ``mix`` must stay 0.5 there).
         gate_normalizer (float): ``log a_t = logsigmoid(k_t) / gate_normalizer``.
         feature_map (str): feature map of the recurrent branch, over the head dimension: ``"softmax"``.
-        variant (str): ``"gla"`` (Liger attention) or ``"swa_sinks"`` (training-free window + attention sinks,
-            no recurrence; a baseline).
+        variant (str): ``"gla"`` (Liger attention), ``"swa_sinks"`` (training-free window + attention sinks,
+            no recurrence; a baseline) or ``"complementary"`` (window + sinks softmax over the recent tokens, GLA
+            only over the tokens that left the window, one shared normaliser; see ``ligerfx/liger.py``).
         sinks (int): attention-sink tokens always visible to the window branch (``None``: 0 for ``"gla"``, 4 for
-            ``"swa_sinks"``).
+            ``"swa_sinks"`` and ``"complementary"``).
         layers (sequence of int, optional): decoder-layer indices to linearize; ``None`` = every attention layer.
         only_full_attention (bool): for models with sliding-window layers (Gemma 3), linearize only the
             full-attention layers and keep the sliding ones as they are.
@@ -46,6 +48,9 @@ class LigerConfig:
             raise ValueError(f"LigerConfig.feature_map={self.feature_map!r}: expected one of {FEATURE_MAPS}")
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"LigerConfig.mix={self.mix}: must lie in [0, 1]")
+        if self.variant == "complementary" and self.mix != 0.5:
+            raise ValueError(f"LigerConfig.mix={self.mix}: variant='complementary' does not use mix (the shared "
+                             "normaliser splits window and state); leave it at 0.5")
         if self.window < 0:
             raise ValueError(f"LigerConfig.window={self.window}: must be >= 0")
         if self.gate_normalizer <= 0:
@@ -59,7 +64,7 @@ class LigerConfig:
     def n_sinks(self) -> int:
         if self.sinks is not None:
             return self.sinks
-        return 4 if self.variant == "swa_sinks" else 0
+        return 0 if self.variant == "gla" else 4
 
     @property
     def recurrent_weight(self) -> float:

@@ -18,6 +18,19 @@ identical but ``HQ/HKV`` times larger state). Padded tokens neither write nor de
 are zeroed) and are never attended to. ``variant="swa_sinks"`` drops the recurrent branch and keeps the first
 ``sinks`` tokens visible: the training-free sliding-window baseline.
 
+``variant="complementary"`` (ligerfx's own, not in the paper; still no new parameters) splits the past instead of
+averaging two views of it: the window (+ sinks) softmax covers the last ``window`` tokens as above, and the GLA state
+holds only the tokens that have *left* the window (sinks excluded), with one shared normaliser::
+
+    w_tj          = phi(q_t) . (prod_{i=j+1..t} a_i * phi(k_j))     for every j outside the window (not a sink)
+    o_t           = (o_swa_t + sum_j w_tj v_j) / (1 + sum_j w_tj)
+
+The window gets a total mass of 1 and each token beyond it its GLA weight ``w_tj``, so a sequence the window sees
+whole is attended exactly as by the teacher, and the state only adds what the window no longer sees. The GLA runs
+over ``[v, 1]`` (its last output channel is the normaliser ``sum_j w_tj``) with each query reading the state as it
+was ``window + 1`` tokens earlier (``complementary_branch``); the cache keeps the pre-RoPE keys and gate inputs of
+the ring, so a token is pushed into the state when it leaves the ring.
+
 A decode step (one token per sequence onto an allocated cache, autograd off) runs as one fused op
 (``decode_step``: ``ligerfx::liger_decode_``) instead of the branch-by-branch path; ``LIGERFX_FUSED_DECODE=0``
 (read at import, or set ``ligerfx.liger.FUSED_DECODE = False``) keeps the branch-by-branch path for every call.
@@ -85,6 +98,80 @@ def mix(o_gla: Optional[torch.Tensor], o_swa: Optional[torch.Tensor], cfg: Liger
     return (w * o_gla + (1.0 - w) * o_swa.float()).to(dtype)
 
 
+def complementary_branch(q_pre, k_pre, v, gate_src, pos, cfg: LigerConfig, cache=None, padded: bool = True):
+    """GLA part of ``variant="complementary"``: for each query, ``sum_j w_tj [v_j, 1]`` over the tokens outside its
+    window (fp32 ``[B, HQ, T, V + 1]``; the last channel is the normaliser). ``pos`` ``[B, T]``: positions of the new
+    tokens (``-1`` = padding; ``padded=False`` promises there is none). With a ``cache``, its ring (the last ``window`` tokens before this call) and its state
+    (every earlier token but the sinks) come first, and the state after this call is written back.
+
+    How: valid tokens are moved to the end of each row (stable), so that "``window + 1`` positions back" is "``window
+    + 1`` indices back"; with a state to read, one empty token leads. The GLA then runs over all but the last
+    ``window`` tokens with the query of token ``e`` placed at index ``e - window - 1`` and scaled by the gates of the
+    tokens in between (``exp`` of a difference of fp64 cumulative gates, ``<= 0``): its output there is exactly the
+    state outside ``e``'s window, decayed up to ``e``. Its final state holds every token but the last ``window``."""
+    W, L = int(cfg.window), int(cfg.window) + 1
+    B, HQ, T, K = q_pre.shape
+    HKV, V = k_pre.shape[1], v.shape[-1]
+    h0 = None
+    if cache is not None:
+        h0 = cache.initial_state()
+        hk, hv, hg, hp = cache.history()
+        k_pre, v = torch.cat([hk, k_pre.to(hk.dtype)], 2), torch.cat([hv, v.to(hv.dtype)], 2)
+        gate_src, pos = torch.cat([hg, gate_src.to(hg.dtype)], 2), torch.cat([hp, pos], 1)
+        q_pre = torch.cat([q_pre.new_zeros(B, HQ, hk.shape[2], K), q_pre], 2)
+    N, H0 = k_pre.shape[2], q_pre.shape[2] - T  # tokens in all, history tokens
+    valid = pos >= 0
+    compact = cache is not None or padded
+    if compact:  # padding first, valid tokens in order after it
+        order = torch.argsort(valid.to(torch.int8), dim=1, stable=True)
+        take = lambda x: x.gather(2, order[:, None, :, None].expand(x.shape[0], x.shape[1], N, x.shape[-1]))
+        q_pre, k_pre, v, gate_src = take(q_pre), take(k_pre), take(v), take(gate_src)
+        pos, valid = pos.gather(1, order), valid.gather(1, order)
+    cd = compute_dtype(v)
+    write = (pos >= cfg.n_sinks)[:, None, :, None]  # valid and not a sink: may enter the state
+    phi_k = feature_map(k_pre) * write
+    v1 = torch.cat([v.float(), torch.ones_like(v[..., :1], dtype=torch.float32)], -1) * write
+    g = log_gate(gate_src, cfg.gate_normalizer) * valid[:, None, :, None]
+    phi_q = feature_map(q_pre)
+    lead = 1 if h0 is not None else 0  # an empty first token: reading there = reading h0
+    if lead:
+        phi_k, v1, g, phi_q = (F.pad(x, (0, 0, 1, 0)) for x in (phi_k, v1, g, phi_q))
+    M = N + lead
+    S = max(M - W, 0)  # GLA steps: every token but the last W (those stay in the window / ring)
+    o = phi_q.new_zeros(B, HQ, M, V + 1)
+    if S > 0:
+        G = F.pad(g.double().cumsum(2), (0, 0, 1, 0))  # G[:, :, i] = sum of g over tokens < i
+        R = M - L  # queries that have a state to read: e = s + L for s in [0, R)
+        if R > 0:
+            # gates of tokens s+1 .. e, i.e. G[e+1] - G[s+1]
+            dG = (G[:, :, L + 1:M + 1] - G[:, :, 1:R + 1]).float()
+            dG = dG.repeat_interleave(HQ // HKV, dim=1)
+            qs = phi_q[:, :, L:] * dG.exp()
+            qs = F.pad(qs, (0, 0, 0, S - R))
+        else:
+            qs = phi_q.new_zeros(B, HQ, S, K)
+        o_lag, hT = ops.gla_fwd(qs.to(cd), phi_k[:, :, :S].to(cd), v1[:, :, :S].to(cd), g[:, :, :S].contiguous(),
+                                h0)
+        if R > 0:
+            o = torch.cat([o.new_zeros(B, HQ, L, V + 1), o_lag[:, :, :R]], 2)
+    else:
+        hT = h0 if h0 is not None else v.new_zeros(B, HKV, K, V + 1, dtype=torch.float32)
+    if cache is not None:
+        cache.update_state(hT)
+    # back to the new tokens' own order
+    if compact:
+        inv = torch.argsort(order, dim=1)[:, H0:] + lead
+        o = o.gather(2, inv[:, None, :, None].expand(B, HQ, T, V + 1))
+    else:
+        o = o[:, :, lead + H0:]
+    return o
+
+
+def combine_complementary(o_swa: torch.Tensor, o_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(o_swa + sum_j w_tj v_j) / (1 + sum_j w_tj)``: the window's mass is 1, each token beyond it weighs w_tj."""
+    return ((o_swa.float() + o_out[..., :-1]) / (1.0 + o_out[..., -1:])).to(dtype)
+
+
 def positions(valid: Optional[torch.Tensor], B: int, T: int, device, start: Optional[torch.Tensor] = None):
     """Per-sequence position of each new token among the *valid* tokens (``-1`` for padding)."""
     if valid is None:
@@ -109,9 +196,22 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
     B, _, T, _ = q_rope.shape
     if cache is not None:
         cache.prepare(k_rope, v)
-        if FUSED_DECODE and T == 1 and cache.seen is not None and not torch.is_grad_enabled():
+        if (FUSED_DECODE and T == 1 and cache.seen is not None and not torch.is_grad_enabled()
+                and cfg.variant != "complementary"):
             return decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, scale=scale, cfg=cfg, valid=valid,
                                cache=cache)
+    if cfg.variant == "complementary":
+        start = cache.seen if cache is not None else None
+        q_pos = positions(valid, B, T, q_rope.device, start)
+        o_out = complementary_branch(q_pre, k_pre, v, gate_src, q_pos, cfg, cache, padded=valid is not None)
+        if cache is not None:
+            keys, values, k_pos = cache.window_keys(k_rope, v, q_pos)
+        else:
+            keys, values, k_pos = k_rope, v, q_pos
+        o_swa = swa_branch(q_rope, keys, values, q_pos, k_pos, scale, cfg)
+        if cache is not None:
+            cache.advance(k_rope, v, q_pos, extra=(k_pre, gate_src))
+        return combine_complementary(o_swa, o_out, v.dtype)
     o_gla = o_swa = None
     if cfg.recurrent_weight > 0:
         o_gla, state = gla_branch(q_pre, k_pre, v, gate_src, cfg, valid,

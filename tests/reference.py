@@ -43,3 +43,36 @@ def window_attention64(q, k, v, q_pos, k_pos, scale, window, sinks=0):
             s = torch.einsum("hd,hjd->hj", q[b, :, i], k[b, :, keys]) * scale
             out[b, :, i] = torch.einsum("hj,hjv->hv", s.softmax(-1), v[b, :, keys])
     return out
+
+
+def complementary64(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, scale, window, sinks, normalizer):
+    """``variant="complementary"`` written out per query in float64: window (+ sinks) softmax, plus every valid
+    non-sink key beyond the window with weight w = sum_c softmax(q)_c softmax(k_j)_c exp(sum of the log gates of the
+    valid tokens after j up to the query), all under one normaliser: (o_swa + sum w v) / (1 + sum w).
+    ``pos`` [B, T]: token positions, -1 = padding."""
+    o_swa = window_attention64(q_rope, k_rope, v, pos, pos, scale, window, sinks)
+    G = q_pre.shape[1] // k_pre.shape[1]
+    pq = q_pre.double().softmax(-1)
+    pk = k_pre.double().softmax(-1).repeat_interleave(G, 1)
+    vv = v.double().repeat_interleave(G, 1)
+    lg = (torch.nn.functional.logsigmoid(gate_src.double()) / normalizer).repeat_interleave(G, 1)
+    B, H, T, _ = q_pre.shape
+    out = o_swa.clone()
+    for b in range(B):
+        for t in range(T):
+            p = int(pos[b, t])
+            if p < 0:
+                continue
+            num = torch.zeros(H, v.shape[-1], dtype=torch.float64)
+            den = torch.zeros(H, dtype=torch.float64)
+            for j in range(T):
+                pj = int(pos[b, j])
+                if pj < sinks or pj > p - window - 1:
+                    continue
+                later = [i for i in range(T) if pj < int(pos[b, i]) <= p]
+                decay = lg[b, :, later].sum(1).exp() if later else torch.ones_like(pq[b, :, t])
+                w = (pq[b, :, t] * pk[b, :, j] * decay).sum(-1)  # [H]
+                num += w[:, None] * vv[b, :, j]
+                den += w
+            out[b, :, t] = (o_swa[b, :, t] + num) / (1 + den[:, None])
+    return out

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import time
 
+from ..config import VARIANTS
+
 
 def add_arguments(p):
     p.add_argument("model", help="local HF model directory, .gguf file, or 'gemma-3-270m'")
     p.add_argument("out", help="output directory (loadable with ligerfx.from_pretrained)")
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--mix", type=float, default=0.5)
-    p.add_argument("--variant", choices=["gla", "swa_sinks"], default="gla")
+    p.add_argument("--variant", choices=VARIANTS, default="gla")
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="comma-separated layer indices to linearize (default: all)")
     p.add_argument("--only-full-attention", action="store_true")

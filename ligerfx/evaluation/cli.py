@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .tasks import DEFAULT_TASKS, MAIN_METRIC, TASKS, default_data_dir
+from ..config import VARIANTS
 
 CHECKS = ("lm_eval", "generate", "consistency")
 EXTRA_CHECKS = ("lambada_distance",)  # opt-in: not in the default --checks
@@ -44,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run lm-eval one task at a time, writing the report after each (partial results survive)")
     p.add_argument("--softmax-dtype", default=None, help="lm-eval's softmax dtype (e.g. float32 with --dtype bf16)")
     g = p.add_argument_group("transform (omit --variant to evaluate the unchanged teacher)")
-    g.add_argument("--variant", choices=("gla", "swa_sinks"), default=None)
+    g.add_argument("--variant", choices=VARIANTS, default=None)
     g.add_argument("--mix", type=float, default=None)
     g.add_argument("--window", type=int, default=None)
     g.add_argument("--sinks", type=int, default=None)

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from .data import DataError, parse_count
+from ..config import VARIANTS
 
 DEFAULT_DATA = "/work/shared/data/alpaca/alpaca_52k_en.jsonl.xz"
 
@@ -112,7 +113,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, default=64, help="LigerConfig.window [64]")
     g.add_argument("--liger-mix", type=float, default=0.5, help="LigerConfig.mix: weight of the GLA branch [0.5]")
     g.add_argument("--gate-normalizer", type=float, default=16.0)
-    g.add_argument("--variant", default="gla", choices=["gla", "swa_sinks"])
+    g.add_argument("--variant", default="gla", choices=VARIANTS)
     g.add_argument("--sinks", type=int, default=None)
     g.add_argument("--layers", type=_layers, default=None, help="comma-separated layer indices to linearize")
     g.add_argument("--only-full-attention", action="store_true")
