@@ -3,6 +3,7 @@
     TRITON_INTERPRET=0 python benchmarks/decode.py [--models llama-1b,gemma-3-270m] [--contexts 1K,4K,16K,64K,128K]
         [--batch 1] [--steps 32] [--warmup 4] [--compile] [--out-dir benchmarks/results]
     python benchmarks/decode.py --device cpu --contexts 256,512 --steps 4 --tiny    # CPU smoke run, seconds
+    python benchmarks/decode.py ... --variant complementary                           # the other Liger variants
     python benchmarks/decode.py --plot-only benchmarks/results/decode-h100.json      # table + PNG from a JSON
 
 Models: ``llama-1b`` is a random-init bf16 model with Llama-3.2-1B shapes (hidden 2048, 16 layers, 32 query / 8 KV
@@ -342,6 +343,8 @@ def main():
     ap.add_argument("--impls", default="teacher,ligerfx")
     ap.add_argument("--compile", action="store_true", help='torch.compile(mode="reduce-overhead") on the decode step')
     ap.add_argument("--tiny", action="store_true", help="llama-tiny (2 layers, hidden 128) instead of llama-1b")
+    ap.add_argument("--variant", default="gla", choices=("gla", "swa_sinks", "complementary"),
+                    help="LigerConfig.variant of the ligerfx rows (default gla; others add -<variant> to the file name)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--plot-only", metavar="JSON", help="print the tables and write the PNG of an existing JSON")
     args = ap.parse_args()
@@ -370,12 +373,12 @@ def main():
     impls = [i for i in ("teacher", "ligerfx") if i in args.impls.split(",")]
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     suffix = (f"-b{args.batch}" if args.batch != 1 else "") + ("-compile" if args.compile else "") + \
-             ("-tiny" if "llama-tiny" in models else "")
+             ("-tiny" if "llama-tiny" in models else "") + (f"-{args.variant}" if args.variant != "gla" else "")
     out = Path(args.out_dir) / f"decode-{slug}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(card=card, device=device.type, dtype=str(dtype).replace("torch.", ""), torch=torch.__version__,
                 transformers=transformers.__version__, compile=args.compile, steps=args.steps, warmup=args.warmup,
-                commit=git_rev(), fused_decode=FUSED_DECODE)
+                commit=git_rev(), fused_decode=FUSED_DECODE, variant=args.variant)
     print(f"card: {card}; torch {torch.__version__}; transformers {transformers.__version__}; batch {args.batch}; "
           f"{meta['dtype']}; steps {args.steps} (+{args.warmup} warmup); contexts "
           f"{', '.join(map(ctx_label, contexts))}", flush=True)
@@ -401,7 +404,7 @@ def main():
             if impl == "ligerfx":
                 t0 = time.time()
                 try:
-                    ligerfx.transform(model, passes=["linearize"])
+                    ligerfx.transform(model, passes=["linearize"], config=ligerfx.LigerConfig(variant=args.variant))
                 except Exception as e:  # noqa: BLE001
                     status = f"error: transform: {type(e).__name__}: {e}"[:500]
                     traceback.print_exc(file=sys.stderr)

@@ -37,6 +37,27 @@ def test_decode_benchmark_smoke(tmp_path):
     assert "| 512 |" in res.stdout
 
 
+def test_decode_benchmark_variant(tmp_path):
+    """--variant complementary: its own file, the variant in every row, a constant cache that is larger than
+    gla's (the ring also keeps pre-RoPE keys and gate inputs; the state has the normaliser column)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    caches = {}
+    for variant in ("gla", "complementary"):
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--device", "cpu", "--contexts", "256,512",
+               "--steps", "2", "--warmup", "1", "--tiny", "--impls", "ligerfx", "--variant", variant,
+               "--out-dir", str(tmp_path)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        name = "decode-cpu-tiny.json" if variant == "gla" else f"decode-cpu-tiny-{variant}.json"
+        rows = json.loads((tmp_path / name).read_text())
+        assert {r["context"] for r in rows} == {256, 512}
+        for r in rows:
+            assert r["status"] == "ok" and r["impl"] == "ligerfx" and r["variant"] == variant, r
+        caches[variant] = {r["context"]: r["cache_bytes"] for r in rows}
+        assert caches[variant][256] == caches[variant][512] > 0
+    assert caches["complementary"][256] > caches["gla"][256]
+
+
 def test_decode_ops_counts(tmp_path):
     """benchmarks/decode_ops.py (eager only): the per-layer launch count it reports is the profiler's count."""
     out = tmp_path / "ops.json"

@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import string
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -168,7 +169,7 @@ def lambada_by_distance(model, tokenizer, data_dir: Optional[os.PathLike] = None
     dev = next(model.parameters()).device
     t0 = time.time()
     buckets = {"near": [], "far": [], "absent": []}
-    for it in items:
+    for it in _progress(items, "LAMBADA by distance"):
         ctx = tokenizer(it["context"]).input_ids
         tgt = tokenizer(" " + it["continuation"], add_special_tokens=False).input_ids
         ids = torch.tensor([ctx + tgt], device=dev)
@@ -200,7 +201,8 @@ def lambada_generate(model, tokenizer, data_dir: Optional[os.PathLike] = None, l
     dev = next(model.parameters()).device
     ok_tok = ok_word = 0
     t0 = time.time()
-    for it in items:
+    bar = _progress(items, "LAMBADA generate()")
+    for i, it in enumerate(bar):
         ctx = tokenizer(it["context"], return_tensors="pt").input_ids.to(dev)
         tgt = tokenizer(" " + it["continuation"], add_special_tokens=False).input_ids
         out = model.generate(
@@ -211,6 +213,7 @@ def lambada_generate(model, tokenizer, data_dir: Optional[os.PathLike] = None, l
         ok_tok += int(new[: len(tgt)] == tgt)
         words = tokenizer.decode(new, skip_special_tokens=True).split()
         ok_word += int(bool(words) and _strip_punct(words[0]) == _strip_punct(it["continuation"]))
+        bar.set_postfix(acc_token=f"{100.0 * ok_tok / (i + 1):.1f}", refresh=False)
     n = max(len(items), 1)
     return {
         "n": len(items),
@@ -218,6 +221,13 @@ def lambada_generate(model, tokenizer, data_dir: Optional[os.PathLike] = None, l
         "acc_word": 100.0 * ok_word / n,
         "seconds": time.time() - t0,
     }
+
+
+def _progress(items, desc: str):
+    """A tqdm bar on stderr (updated at most every 5 s, so logs of long CPU runs stay short)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, mininterval=5.0, file=sys.stderr)
 
 
 def _cache_kwarg(model) -> str:
@@ -270,7 +280,7 @@ def decode_consistency(model, tokenizer, texts: Optional[Sequence[str]] = None, 
     count = 0
     agree = 0
     positions = 0
-    for text in texts:
+    for text in _progress(texts, "decode vs full forward"):
         ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens].to(dev)
         T = ids.shape[1]
         full = model(ids, use_cache=False).logits.float()
