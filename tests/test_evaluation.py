@@ -476,6 +476,37 @@ def test_recipe_seeds_means_and_counts_match_the_reports(tmp_path):
         rs.main([str(folder), "--group", "x=nothing_like_this*"])
 
 
+def test_nll_by_position_buckets_add_up_and_the_window_baseline_is_the_teacher_inside_it(env):
+    """benchmarks/nll_by_position.py: the buckets partition every target (their token-weighted losses sum to the
+    direct cross-entropy), and swa_sinks (window 64 + 4 sinks) equals the teacher on targets 1-68 only."""
+    import copy
+    import importlib.util
+
+    import ligerfx
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("nll_by_position", root / "benchmarks" / "nll_by_position.py")
+    nb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nb)
+    assert nb.buckets_for(300) == [(1, 69), (69, 256), (256, 300)]
+    tok, model = env["tok"], env["model"].eval()
+    texts = [" ".join(p[1] for p in PIQA) * 6, " ".join(p[0] for p in PIQA) * 8]
+    n_tok = 300
+    ids = [tok(t, return_tensors="pt").input_ids[:, :n_tok] for t in texts]
+    assert all(i.shape[1] == n_tok for i in ids), [i.shape for i in ids]
+    out = nb.nll_by_position(model, tok, texts, n_tok)
+    assert [b["tokens"] for b in out.values()] == [68 * 2, 187 * 2, 44 * 2]
+    with torch.no_grad():
+        direct = sum(torch.nn.functional.cross_entropy(model(input_ids=i).logits[0, :-1].double(), i[0, 1:],
+                                                       reduction="sum").item() for i in ids)
+    assert sum(b["mean_nll"] * b["tokens"] for b in out.values()) == pytest.approx(direct, rel=1e-5)
+    swa = ligerfx.transform(copy.deepcopy(model), config=ligerfx.LigerConfig(variant="swa_sinks", sinks=4)).eval()
+    o2 = nb.nll_by_position(swa, tok, texts, n_tok)
+    inside = abs(o2["1-68"]["mean_nll"] - out["1-68"]["mean_nll"])
+    beyond = abs(o2["69-255"]["mean_nll"] - out["69-255"]["mean_nll"])
+    assert inside < 1e-5 and beyond > 20 * max(inside, 1e-6), (inside, beyond)
+
+
 # ------------------------------------------------------------------------------------------- benchmarks/layer_drift.py
 
 
