@@ -37,15 +37,16 @@ from ligerfx.training.trainer import attention_outputs  # noqa: E402
 BUCKETS = ("near", "far", "absent")
 
 
-def parse_variant(spec: str, common: list) -> tuple[str, argparse.Namespace]:
-    """``"name=--flag value ..."`` -> (name, the namespace ``ligerfx eval`` would build from those flags)."""
+def parse_variant(spec: str, common: list, allow_teacher: bool = False) -> tuple[str, argparse.Namespace]:
+    """``"name=--flag value ..."`` -> (name, the namespace ``ligerfx eval`` would build from those flags). Without
+    ``allow_teacher``, flags that transform nothing (no ``--variant``, no ``--adapter``) are an error."""
     name, sep, flags = spec.partition("=")
     if not sep or not name:
         raise SystemExit(f"--variant {spec!r}: expected NAME=FLAGS, e.g. 'sinks=--variant gla --sinks 4'")
     p = argparse.ArgumentParser(prog=f"--variant {name}")
     eval_cli.add_arguments(p)
     args = p.parse_args(common + shlex.split(flags))
-    if args.variant is None and not args.adapter:
+    if not allow_teacher and args.variant is None and not args.adapter:
         raise SystemExit(f"--variant {name}: give --variant and/or --adapter (the teacher is the reference)")
     return name, args
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from layer_drift import parse_variant  # noqa: E402  (the same NAME=FLAGS parsing of ligerfx eval flags)
 
 from ligerfx.evaluation import cli as eval_cli  # noqa: E402
 from ligerfx.evaluation.harness import _default_texts, default_data_dir  # noqa: E402
@@ -63,15 +65,6 @@ def nll_by_position(model, tok, texts: list[str], tokens: int) -> dict:
             for k, (s, n) in acc.items()}
 
 
-def parse_variant(spec: str, common: list) -> tuple[str, argparse.Namespace]:
-    name, sep, flags = spec.partition("=")
-    if not sep or not name:
-        raise SystemExit(f"--variant {spec!r}: expected NAME=FLAGS, e.g. 'sinks=--variant swa_sinks'")
-    p = argparse.ArgumentParser(prog=f"--variant {name}")
-    eval_cli.add_arguments(p)
-    return name, p.parse_args(common + shlex.split(flags))
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gemma-3-270m")
@@ -90,7 +83,7 @@ def main(argv=None):
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     texts = _default_texts(data_dir, args.docs)
     common = ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
-    runs = [("teacher", parse_variant("teacher=", common)[1])] + [parse_variant(v, common) for v in args.variant]
+    runs = [parse_variant("teacher=", common, allow_teacher=True)] + [parse_variant(v, common) for v in args.variant]
     result = {"what": "next-token loss by target position on WikiText-2 test articles", "docs": len(texts),
               "tokens": args.tokens, "device": args.device, "dtype": args.dtype, "model": args.model,
               "variants": {}}

@@ -12,10 +12,13 @@ single run is one draw: the seeds show how far a recipe's score moves by chance 
 """
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
-METRIC = {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
-          "winogrande": "acc", "lambada_openai": "acc"}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from quality_table import METRIC  # noqa: E402  (task -> the metric the report uses)
 
 
 def collect(folder: Path, groups: list[tuple[str, str]]) -> dict:
