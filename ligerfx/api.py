@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import weakref
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Iterable, Optional
 import torch
 
 from .config import LigerConfig
-from .passes.capture import find_attention
+from .passes.capture import at_position, find_attention
 from .passes.linearize import LinearizedAttention, linearize_module
 from .passes.patterns import UnsupportedAttentionError
 
@@ -55,6 +56,9 @@ def transform(model: torch.nn.Module, passes: Iterable[str] = ("linearize",), co
     if "linearize" in passes:
         if getattr(model, "_ligerfx_sites", None):
             raise ValueError("model is already linearized by ligerfx")
+        if config.n_sinks > 0 and config.sink_position is None:  # resolve "auto" once, store it resolved
+            resolved = config.resolve_sink_position(getattr(model, "config", None))
+            config = dataclasses.replace(config, sink_position="absolute" if resolved is None else resolved)
         report["linearize"] = _linearize(model, config)
     elif not getattr(model, "_ligerfx_sites", None):
         raise ValueError("the 'lora' pass targets the projections found by 'linearize': run passes=['linearize', "
@@ -75,6 +79,10 @@ def _linearize(model, config: LigerConfig) -> int:
         raise UnsupportedAttentionError(f"{type(model).__name__}: no softmax attention module found "
                                         "(is this a Transformer causal LM?)")
     layer_types = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "layer_types", None)
+    P = config.resolve_sink_position(getattr(model, "config", None))
+    at_p = {}
+    if P is not None:  # every attention input as it is at position P (cos/sin rows): the sinks' query position
+        at_p = at_position(model, P)
     sites = []
     for order, (path, module, kind, call) in enumerate(found):
         idx = getattr(module, "layer_idx", None)
@@ -87,7 +95,8 @@ def _linearize(model, config: LigerConfig) -> int:
             if sliding:
                 continue
         try:
-            lin = linearize_module(module, path, idx, call, config)
+            lin = linearize_module(module, path, idx, call, config,
+                                   sink=(P, at_p[id(module)]) if id(module) in at_p else None)
         except UnsupportedAttentionError as e:
             msg = str(e)
             raise UnsupportedAttentionError(msg if msg.startswith(path) else f"{path}: {msg}") from None

@@ -102,6 +102,10 @@ def linearize_fx(gm: fx.GraphModule, config: LigerConfig) -> int:
     for n in graph.nodes:
         if n.op == "placeholder" and _is_param(n):
             n.meta["ligerfx_param"] = n.name
+    if config.n_sinks > 0 and config.sink_position != "absolute" and find_cores(graph, "graph"):
+        log.warning("ligerfx backend: an untransformed model compiled with sinks scores them at their true "
+                    "distance (LigerConfig.sink_position needs ligerfx.transform, which records the model's RoPE at "
+                    "that position); transform the model first, then torch.compile it")
     count = 0
     for core in find_cores(graph, "graph"):
         stack = core.node.meta.get("nn_module_stack") or {}

@@ -18,6 +18,12 @@ identical but ``HQ/HKV`` times larger state). Padded tokens neither write nor de
 are zeroed) and are never attended to. ``variant="swa_sinks"`` drops the recurrent branch and keeps the first
 ``sinks`` tokens visible: the training-free sliding-window baseline.
 
+Attention sinks and positions (``LigerConfig.sink_position``, ligerfx's, after StreamingLLM): a query past position
+``P = sink_position`` scores the sinks it sees outside its window with itself RoPE'd at ``P`` instead of at its own
+position, so a sink is never farther back than the model was trained to look (for Gemma 3, whose local layers see
+512 tokens, ``P = 511``); below ``P`` nothing changes. ``sink_attention`` adds the sinks to the window-only softmax
+through its log-sum-exp; the pass clones the model's own RoPE subgraph to build the query at ``P``.
+
 ``variant="complementary"`` (ligerfx's own, not in the paper; still no new parameters) splits the past instead of
 averaging two views of it: the window (+ sinks) softmax covers the last ``window`` tokens as above, and the GLA state
 holds only the tokens that have *left* the window (sinks excluded), with one shared normaliser::
@@ -80,13 +86,54 @@ def gla_branch(q, k, v, gate_src, cfg: LigerConfig, valid: Optional[torch.Tensor
     return ops.gla_fwd(phi_q.to(cd), phi_k.to(cd), v.to(cd), g, h0)
 
 
-def swa_branch(q, k, v, q_pos, k_pos, scale: float, cfg: LigerConfig):
+def swa_branch(q, k, v, q_pos, k_pos, scale: float, cfg: LigerConfig, q_sink=None, sink_position=None):
     """Window branch on RoPE'd q/k: each query sees itself and ``cfg.window`` previous tokens (+ sinks), in the
-    compute dtype (models that upcast q/k in their norms hand us fp32 q/k even under bf16 autocast)."""
+    compute dtype (models that upcast q/k in their norms hand us fp32 q/k even under bf16 autocast).
+
+    With ``q_sink`` (the query RoPE'd at position ``sink_position``, same layout as ``q``) the sinks a query sees
+    outside its window are scored by ``q_sink`` once the query is past ``sink_position``: see ``sink_attention``."""
     cd = compute_dtype(v)
-    o, _ = ops.swa_fwd(q.to(cd), k.to(cd), v.to(cd), q_pos, k_pos, float(scale), int(cfg.window),
-                       int(cfg.n_sinks))
-    return o
+    if q_sink is None or cfg.n_sinks == 0:
+        o, _ = ops.swa_fwd(q.to(cd), k.to(cd), v.to(cd), q_pos, k_pos, float(scale), int(cfg.window),
+                           int(cfg.n_sinks))
+        return o
+    o_w, lse_w = ops.swa_fwd(q.to(cd), k.to(cd), v.to(cd), q_pos, k_pos, float(scale), int(cfg.window), 0)
+    return sink_attention(o_w, lse_w, q, q_sink, k, v, q_pos, k_pos, scale, int(cfg.window), cfg.n_sinks,
+                          int(sink_position)).to(cd)
+
+
+def sink_attention(o_w, lse_w, q, q_sink, k, v, q_pos, k_pos, scale: float, window: int, sinks: int,
+                   sink_position: int) -> torch.Tensor:
+    """Add the attention sinks to a window-only softmax (``o_w``, ``lse_w``: its output and log-sum-exp), fp32.
+
+    Sink ``i`` (the token at position ``i < sinks``) joins query ``t``'s softmax when it is outside the window
+    (``t - i > window``) with the score ``scale * q'_t . RoPE_i(k_i)``, where ``q'_t`` is ``q_t`` (RoPE'd at ``t``)
+    while ``t <= sink_position`` and ``q_sink_t`` (the same query RoPE'd at ``sink_position``) after: a sink is never
+    seen farther back than ``sink_position - i`` tokens, the largest distance the model was trained on (StreamingLLM
+    scores its sinks by their place in the cache, not in the text, for the same reason). Below ``sink_position``
+    this is the window + sinks softmax exactly. Shapes: q, q_sink ``[B, HQ, T, D]``; k ``[B, HKV, TK, D]``; v
+    ``[B, HKV, TK, V]``; ``k_pos`` locates the sinks among the keys (``-1``: padding/empty)."""
+    B, HQ, T, D = q.shape
+    HKV, V = k.shape[1], v.shape[-1]
+    G = HQ // HKV
+    idx = torch.arange(sinks, device=k_pos.device)
+    sel = (k_pos[:, None, :] == idx[None, :, None])  # [B, S, TK]: one key per present sink
+    one = sel.to(torch.float32)
+    ks = torch.einsum("bsj,bhjd->bhsd", one, k.float())
+    vs = torch.einsum("bsj,bhjd->bhsd", one, v.float())
+    rolled = (q_pos > sink_position)[:, None, :, None]
+    qs = torch.where(rolled, q_sink.float(), q.float()).view(B, HKV, G, T, D)
+    s = torch.einsum("bhgtd,bhsd->bhgts", qs, ks) * scale
+    vis = sel.any(-1)[:, None, :] & (q_pos[:, :, None] - idx[None, None, :] > window) & (q_pos[:, :, None] >= 0)
+    s = s.masked_fill(~vis[:, None, None], float("-inf"))
+    lw = lse_w.float().view(B, HKV, G, T)
+    m = torch.maximum(lw, s.amax(-1))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    a, b = (lw - m).exp(), (s - m[..., None]).exp()
+    num = o_w.float().view(B, HKV, G, T, V) * a[..., None] + torch.einsum("bhgts,bhsv->bhgtv", b, vs)
+    den = (a + b.sum(-1))[..., None]
+    o = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(num))
+    return o.view(B, HQ, T, V)
 
 
 def mix(o_gla: Optional[torch.Tensor], o_swa: Optional[torch.Tensor], cfg: LigerConfig, dtype: torch.dtype):
@@ -186,8 +233,12 @@ def positions(valid: Optional[torch.Tensor], B: int, T: int, device, start: Opti
 
 
 def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, cfg: LigerConfig,
-                    valid: Optional[torch.Tensor] = None, cache=None) -> torch.Tensor:
+                    valid: Optional[torch.Tensor] = None, cache=None, q_sink: Optional[torch.Tensor] = None,
+                    sink_position: Optional[int] = None) -> torch.Tensor:
     """Liger attention for one layer. Shapes as SDPA sees them ([B, H, T, D]); returns [B, HQ, T, V].
+
+    ``q_sink`` (optional, like ``q_rope``): the query RoPE'd at position ``sink_position``, which scores the
+    attention sinks once a query is past that position (``sink_attention``); None: sinks at their true distance.
 
     ``cache`` (a ``ligerfx.cache.LigerLayer``) carries the GLA state and the window of past keys/values between
     calls (prefill, then decode steps); it is read before and updated in place after this call. A decode step
@@ -196,8 +247,10 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
     B, _, T, _ = q_rope.shape
     if cache is not None:
         cache.prepare(k_rope, v)
+        # rolled sinks (a query past sink_position) need the separate sink scores: the fused op has one query
+        rolled = q_sink is not None and cfg.n_sinks > 0 and not cache.next_position_at_most(int(sink_position))
         if (FUSED_DECODE and T == 1 and cache.seen is not None and not torch.is_grad_enabled()
-                and cfg.variant != "complementary"):
+                and cfg.variant != "complementary" and not rolled):
             return decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, scale=scale, cfg=cfg, valid=valid,
                                cache=cache)
     if cfg.variant == "complementary":
@@ -208,7 +261,7 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
             keys, values, k_pos = cache.window_keys(k_rope, v, q_pos)
         else:
             keys, values, k_pos = k_rope, v, q_pos
-        o_swa = swa_branch(q_rope, keys, values, q_pos, k_pos, scale, cfg)
+        o_swa = swa_branch(q_rope, keys, values, q_pos, k_pos, scale, cfg, q_sink, sink_position)
         if cache is not None:
             cache.advance(k_rope, v, q_pos, extra=(k_pre, gate_src))
         return combine_complementary(o_swa, o_out, v.dtype)
@@ -225,7 +278,7 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
             keys, values, k_pos = cache.window_keys(k_rope, v, q_pos)
         else:
             keys, values, k_pos = k_rope, v, q_pos
-        o_swa = swa_branch(q_rope, keys, values, q_pos, k_pos, scale, cfg)
+        o_swa = swa_branch(q_rope, keys, values, q_pos, k_pos, scale, cfg, q_sink, sink_position)
     if cache is not None:
         cache.advance(k_rope, v, q_pos)
     return mix(o_gla, o_swa, cfg, v.dtype)

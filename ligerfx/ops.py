@@ -10,7 +10,7 @@ The default implementation is the plain-PyTorch reference in ``ligerfx/kernels/*
     ligerfx::gla_fwd(q, k, v, g, h0?)                -> (o, hT)
     ligerfx::gla_bwd(q, k, v, g, h0?, do, dhT?)      -> (dq, dk, dv, dg, dh0)
     ligerfx::swa_fwd(q, k, v, q_pos, k_pos, scale, window, sinks)          -> (o, lse)
-    ligerfx::swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale, window, sinks) -> (dq, dk, dv)
+    ligerfx::swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale, window, sinks, dlse) -> (dq, dk, dv)
     ligerfx::liger_fwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos?, h0?, scale, window, mix, gate_normalizer)
         -> (o, hT, lse)
     ligerfx::liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos?, h0?, lse, do, dhT?, scale, window, mix,
@@ -143,14 +143,14 @@ def _(q, k, v, q_pos, k_pos, scale, window, sinks):
 @torch.library.custom_op("ligerfx::swa_bwd", mutates_args=())
 def swa_bwd(
     q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, o: Tensor, lse: Tensor, do: Tensor,
-    scale: float, window: int, sinks: int,
+    scale: float, window: int, sinks: int, dlse: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    grads = _impl("swa_bwd", q)(q, k, v, q_pos, k_pos, o, lse, do, scale, window, sinks)
+    grads = _impl("swa_bwd", q)(q, k, v, q_pos, k_pos, o, lse, do, scale, window, sinks, dlse)
     return tuple(x.contiguous() for x in grads)
 
 
 @swa_bwd.register_fake
-def _(q, k, v, q_pos, k_pos, o, lse, do, scale, window, sinks):
+def _(q, k, v, q_pos, k_pos, o, lse, do, scale, window, sinks, dlse=None):
     return _new(q), _new(k), _new(v)
 
 
@@ -163,7 +163,7 @@ def _swa_setup(ctx, inputs, output):
 
 def _swa_backward(ctx, do, dlse):
     q, k, v, q_pos, k_pos, o, lse = ctx.saved_tensors
-    dq, dk, dv = swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, *ctx.args)
+    dq, dk, dv = swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, *ctx.args, dlse)
     return dq, dk, dv, None, None, None, None, None
 
 

@@ -76,3 +76,36 @@ def complementary64(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, scale, windo
                 den += w
             out[b, :, t] = (o_swa[b, :, t] + num) / (1 + den[:, None])
     return out
+
+
+def window_sinks64(q, q_sink, k, v, q_pos, k_pos, scale, window, sinks, sink_position):
+    """Window + sinks softmax where a query past ``sink_position`` scores the sinks outside its window with
+    ``q_sink`` (its own RoPE at ``sink_position``) instead of ``q``; keys inside the window always with ``q``.
+    float64, one query at a time; -1 positions are invalid."""
+    q, qs, k, v = q.double(), q_sink.double(), k.double(), v.double()
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    B, H, TQ, _ = q.shape
+    out = torch.zeros(B, H, TQ, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for i in range(TQ):
+            qp = int(q_pos[b, i])
+            if qp < 0:
+                continue
+            scores, vals = [], []
+            for j in range(k.shape[2]):
+                kp = int(k_pos[b, j])
+                if kp < 0 or kp > qp:
+                    continue
+                if qp - kp <= window:
+                    scores.append(torch.einsum("hd,hd->h", q[b, :, i], k[b, :, j]) * scale)
+                elif kp < sinks:
+                    qq = qs[b, :, i] if qp > sink_position else q[b, :, i]
+                    scores.append(torch.einsum("hd,hd->h", qq, k[b, :, j]) * scale)
+                else:
+                    continue
+                vals.append(v[b, :, j])
+            if scores:
+                p = torch.stack(scores, -1).softmax(-1)
+                out[b, :, i] = torch.einsum("hj,jhv->hv", p, torch.stack(vals, 0))
+    return out

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .tasks import DEFAULT_TASKS, MAIN_METRIC, TASKS, default_data_dir
-from ..config import VARIANTS
+from ..config import VARIANTS, sink_position as _sink_position
 
 CHECKS = ("lm_eval", "generate", "consistency")
 EXTRA_CHECKS = ("lambada_distance",)  # opt-in: not in the default --checks
@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mix", type=float, default=None)
     g.add_argument("--window", type=int, default=None)
     g.add_argument("--sinks", type=int, default=None)
+    g.add_argument("--sink-position", type=_sink_position, default=None,
+                   help="position past which a query scores the attention sinks as if it stood there: an int, "
+                        "'absolute' (true distances) or omitted (the model's shortest attention span - 1)")
     g.add_argument("--gate-normalizer", type=float, default=None)
     g.add_argument("--layers", default=None, help="comma-separated decoder-layer indices to linearize")
     g.add_argument("--only-full-attention", action="store_true")
@@ -94,7 +97,8 @@ def liger_config_from_args(args):
     """
     saved = _saved_liger_config(getattr(args, "adapter", None))
     if args.variant is None and saved is None:
-        extra = [n for n in ("mix", "window", "sinks", "gate_normalizer", "layers") if getattr(args, n) is not None]
+        extra = [n for n in ("mix", "window", "sinks", "sink_position", "gate_normalizer", "layers")
+                 if getattr(args, n, None) is not None]
         if extra or args.only_full_attention:
             raise SystemExit(f"--{extra[0].replace('_', '-') if extra else 'only-full-attention'} needs --variant")
         return None
@@ -105,8 +109,8 @@ def liger_config_from_args(args):
         known = set(LigerConfig().to_dict()) - {"lora"}
         kw = {k: v for k, v in saved.items() if k in known}
     flags = {"variant": args.variant}
-    for n in ("mix", "window", "sinks", "gate_normalizer"):
-        flags[n] = getattr(args, n)
+    for n in ("mix", "window", "sinks", "sink_position", "gate_normalizer"):
+        flags[n] = getattr(args, n, None)
     if args.layers:
         flags["layers"] = [int(i) for i in _split(args.layers)]
     if args.only_full_attention:
@@ -134,7 +138,8 @@ def build_model(args):
             raise SystemExit("this ligerfx build has no ligerfx.transform(); cannot evaluate --variant")
         model = transform(model, passes=["linearize"], config=cfg)
         model.eval()
-        meta["transform"] = cfg.to_dict()
+        stored = getattr(model.config, "ligerfx", None) or {}  # as transform resolved it (e.g. sink_position)
+        meta["transform"] = {**cfg.to_dict(), **{k: v for k, v in stored.items() if k in cfg.to_dict()}}
     if args.adapter:
         load_adapter = getattr(ligerfx, "load_adapter", None)
         if load_adapter is None:

@@ -35,9 +35,9 @@ class RecordedCall:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, stack, hits):
+    def __init__(self, stack, hits, length=PROBE_T):
         super().__init__()
-        self.stack, self.hits = stack, hits
+        self.stack, self.hits, self.length = stack, hits, length
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -47,7 +47,7 @@ class _Recorder(TorchFunctionMode):
                 self.hits.setdefault(self.stack[-1], "sdpa")
             elif name == "softmax":
                 x = args[0] if args else kwargs.get("input")
-                if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[-1] == x.shape[-2] == PROBE_T:
+                if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[-1] == x.shape[-2] == self.length:
                     self.hits.setdefault(self.stack[-1], "eager")
         return func(*args, **kwargs)
 
@@ -63,9 +63,11 @@ def _bind(module: torch.nn.Module, args, kwargs) -> tuple[dict[str, Any], inspec
     return arguments, sig
 
 
-def find_attention(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, RecordedCall]]:
-    """Run a dummy forward and return ``(path, module, kind, call)`` for every module that computes softmax
-    attention itself (the innermost module active when SDPA, or a [T, T] softmax, runs), in execution order."""
+def find_attention(model: torch.nn.Module, batch: int = PROBE_B, length: int = PROBE_T,
+                   start: int = 0) -> list[tuple[str, torch.nn.Module, str, RecordedCall]]:
+    """Run a dummy forward (``batch`` x ``length`` tokens at positions ``start .. start + length - 1``) and return
+    ``(path, module, kind, call)`` for every module that computes softmax attention itself (the innermost module
+    active when SDPA, or a [T, T] softmax, runs), in execution order."""
     name_of = {m: n for n, m in model.named_modules()}
     stack, hits, calls, order = [], {}, {}, []
 
@@ -82,13 +84,13 @@ def find_attention(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, s
     handles += [m.register_forward_hook(post, with_kwargs=True) for m in model.modules()]
     vocab = getattr(model.config, "vocab_size", 100) or 100
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(min(4, vocab - 1), min(vocab, 1000), (PROBE_B, PROBE_T), generator=g)
+    ids = torch.randint(min(4, vocab - 1), min(vocab, 1000), (batch, length), generator=g)
     device = next(model.parameters()).device
     ids = ids.to(device)
     try:
-        with torch.no_grad(), _Recorder(stack, hits):
+        with torch.no_grad(), _Recorder(stack, hits, length):
             model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                  position_ids=torch.arange(PROBE_T, device=device).expand(PROBE_B, PROBE_T), use_cache=False)
+                  position_ids=torch.arange(start, start + length, device=device).expand(batch, length), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -138,3 +140,11 @@ def export_attention(module: torch.nn.Module, arguments: dict[str, Any]):
     finally:
         module.train(was_training)
     return ep, paths
+
+
+def at_position(model: torch.nn.Module, position: int) -> dict[int, dict[str, Any]]:
+    """Every attention module's tensor arguments for one token at ``position`` (``id(module)`` -> arguments): the
+    positional inputs (cos/sin rows ``[1, 1, D]``, position ids ``[[position]]``) as the model computes them there.
+    One forward of a single token, whatever ``position`` is."""
+    return {id(m): pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else None, c.arguments)
+            for _, m, _, c in find_attention(model, 1, 1, start=position)}

@@ -69,8 +69,9 @@ class _Ctx:
     mode: str = "liger"  # "liger" | "check"
 
 
-def liger_site(q_pre, k_pre, v, gate, q_rope, k_rope, ctx: _Ctx):
-    """Runtime of one rewritten site: the node the pass inserts in place of softmax attention."""
+def liger_site(q_pre, k_pre, v, gate, q_rope, k_rope, ctx: _Ctx, q_sink=None):
+    """Runtime of one rewritten site: the node the pass inserts in place of softmax attention. ``q_sink``: the
+    query RoPE'd at the sink position (``LigerConfig.sink_position``), or None."""
     from .. import liger
     from ..cache import liger_layer
 
@@ -86,8 +87,15 @@ def liger_site(q_pre, k_pre, v, gate, q_rope, k_rope, ctx: _Ctx):
     layer = None
     if ctx.cache is not None:
         layer = liger_layer(ctx.cache, ctx.lin.layer_idx, cfg)
+    sink_position = ctx.lin.sink[0] if (q_sink is not None and ctx.lin.sink is not None) else None
     return liger.liger_attention(q_pre, k_pre, v, gate, q_rope, k_rope, scale=info.scale, cfg=cfg, valid=valid,
-                                 cache=layer)
+                                 cache=layer, q_sink=q_sink if sink_position is not None else None,
+                                 sink_position=sink_position)
+
+
+def _expand_row(row, like):
+    """A positional input's value at the sink position (``[1, 1, D]``), broadcast to the input's shape."""
+    return row.to(device=like.device, dtype=like.dtype).expand_as(like)
 
 
 def token_validity(mask, B: int, T: int, shortcut: bool = True) -> Optional[torch.Tensor]:
@@ -116,8 +124,13 @@ def token_validity(mask, B: int, T: int, shortcut: bool = True) -> Optional[torc
 
 
 # --------------------------------------------------------------------------------------------------- the pass
-def linearize_graph(ep: torch.export.ExportedProgram, module: torch.nn.Module, where: str):
-    """Rewrite the exported graph of one attention call (see the module docstring). Returns (graph, SiteInfo)."""
+def linearize_graph(ep: torch.export.ExportedProgram, module: torch.nn.Module, where: str,
+                    sink_rows: Optional[list] = None):
+    """Rewrite the exported graph of one attention call (see the module docstring). Returns (graph, SiteInfo).
+
+    ``sink_rows`` (one entry per user input, in graph order: its value at the sink position, or None) asks for the
+    sink query as well: the RoPE subgraph of the query is cloned with each positional input replaced by its value
+    at that position and passed to ``liger_site`` as ``q_sink`` (see ``LigerConfig.sink_position``)."""
     graph = copy.deepcopy(ep.graph)  # a free-standing graph: its call_module targets live on `module`
     sig = ep.graph_signature
     params = dict(sig.inputs_to_parameters)
@@ -157,8 +170,12 @@ def linearize_graph(ep: torch.export.ExportedProgram, module: torch.nn.Module, w
     last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last_ph):
         ctx = graph.placeholder("ligerfx_ctx")
+    q_sink = None
+    if sink_rows is not None and q_rope in positional:
+        q_sink = _rope_at_sink_position(graph, core.node, q_rope, positional, user_inputs, sink_rows, module, where)
     with graph.inserting_before(core.node):
-        new = graph.call_function(liger_site, (q_pre, k_pre, v, gate, q_rope, k_rope, ctx))
+        new = graph.call_function(liger_site, (q_pre, k_pre, v, gate, q_rope, k_rope, ctx),
+                                  {"q_sink": q_sink} if q_sink is not None else {})
     new.meta = dict(core.node.meta)
     core.node.replace_all_uses_with(new)
     out = next(n for n in graph.nodes if n.op == "output")
@@ -177,6 +194,35 @@ def linearize_graph(ep: torch.export.ExportedProgram, module: torch.nn.Module, w
     info = SiteInfo(core.kind, scale, HQ, HKV, int(shape(q_rope)[-1]), site.q_perm, site.k_perm, site.g_perm,
                     projections)
     return graph, info
+
+
+def _rope_at_sink_position(graph, before, q_rope, positional, user_inputs, rows, module, where) -> fx.Node:
+    """Clone the query's position-dependent subgraph (RoPE, whatever its form) with every positional user input
+    replaced by its recorded value at the sink position (a buffer on ``module``, broadcast to the input's shape).
+    Returns the clone of ``q_rope``: the same query, RoPE'd at the sink position."""
+    anc = ancestors(q_rope)
+    region = [n for n in graph.nodes if (n in anc or n is q_rope) and n in positional]
+    mapping = {}
+    with graph.inserting_before(before):
+        for i, ph in enumerate(user_inputs):
+            if ph not in region:
+                continue
+            row = rows[i] if i < len(rows) else None
+            if row is None:
+                raise UnsupportedAttentionError(f"{where}: the positional input {ph.name!r} of the query's RoPE has "
+                                                "no value recorded at the sink position; use sink_position='absolute'")
+            name = f"_ligerfx_sink_input_{i}"
+            module.register_buffer(name, row, persistent=False)
+            mapping[ph] = graph.call_function(_expand_row, (graph.get_attr(name), ph))
+        if not mapping:
+            raise UnsupportedAttentionError(f"{where}: the query's RoPE reads no positional user input; use "
+                                            "sink_position='absolute'")
+        for n in region:
+            if n.op == "placeholder":
+                continue
+            mapping[n] = graph.node_copy(n, lambda a: mapping.get(a, a))
+    counters["linearize.sink_query"] += 1
+    return mapping[q_rope]
 
 
 # Ops FX calls impure only because they may draw random numbers (``nondeterministic_seeded``: SDPA and dropout
@@ -283,6 +329,7 @@ class LinearizedAttention:
     out_spec: Any = None
     fns: dict = field(default_factory=dict)
     teacher: bool = False
+    sink: Any = None  # (sink position P, the recorded attention arguments at P) or None
 
     def forward_for(self, module, dtype, device):
         key = (dtype, device)
@@ -313,7 +360,14 @@ class LinearizedAttention:
                         module.register_buffer(name, const, persistent=False)
                         fqn = name
                     n.meta["ligerfx_buffer"] = fqn
-        graph, info = linearize_graph(ep, module, self.path)
+        rows = None
+        if self.sink is not None:
+            rows = []
+            for path, x in zip(paths, (_get_or_none(args, p) for p in paths)):
+                r = _get_or_none(self.sink[1], path)
+                rows.append(r.to(dtype=x.dtype, device=x.device) if isinstance(r, torch.Tensor) and
+                            isinstance(x, torch.Tensor) else None)
+        graph, info = linearize_graph(ep, module, self.path, sink_rows=rows)
         if self.info is not None and self.info.projections != info.projections:
             raise UnsupportedAttentionError(f"{self.path}: graph changed between captures")
         self.info = info
@@ -393,6 +447,13 @@ def _lora_as_base(module: torch.nn.Module):
             setattr(parent, attr, child)
 
 
+def _get_or_none(tree, path):
+    try:
+        return _get(tree, path)
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
 def _get(tree, path):
     for k in path:
         tree = tree[getattr(k, "key", getattr(k, "idx", None))]
@@ -419,9 +480,10 @@ def _liger_forward(self, *args, **kwargs):
 
 
 def linearize_module(module: torch.nn.Module, path: str, layer_idx: int, call: RecordedCall,
-                     config: LigerConfig) -> LinearizedAttention:
-    """Capture, rewrite and install the Liger forward on one attention module (in place; no new parameters)."""
-    lin = LinearizedAttention(path, layer_idx, config, call)
+                     config: LigerConfig, sink=None) -> LinearizedAttention:
+    """Capture, rewrite and install the Liger forward on one attention module (in place; no new parameters).
+    ``sink``: ``(P, arguments at P)`` to score attention sinks from position P (``LigerConfig.sink_position``)."""
+    lin = LinearizedAttention(path, layer_idx, config, call, sink=sink)
     p = next(module.parameters())
     lin.forward_for(module, p.dtype, p.device)
     module._ligerfx = lin

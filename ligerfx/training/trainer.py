@@ -48,7 +48,8 @@ RESUME_INVARIANTS = [
     "model", "data", "mix_data", "max_samples", "val_samples", "seq_len", "packing", "batch_size", "lr", "min_lr_ratio",
     "warmup_steps", "weight_decay", "beta1", "beta2", "max_grad_norm", "max_tokens", "epochs", "seed", "distill",
     "distill_weight", "distill_temperature", "ce_weight", "attn_transfer", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_targets", "window", "liger_mix", "gate_normalizer", "variant", "sinks", "layers", "only_full_attention",
+    "lora_targets", "window", "liger_mix", "gate_normalizer", "variant", "sinks", "sink_position", "layers",
+    "only_full_attention",
     "dtype", "precision",
 ]
 
@@ -134,6 +135,7 @@ def liger_config_from_args(args) -> LigerConfig:
             "dropout": args.lora_dropout}
     return LigerConfig(window=args.window, mix=args.liger_mix, gate_normalizer=args.gate_normalizer,
                        variant=args.variant, sinks=args.sinks, layers=args.layers,
+                       sink_position=getattr(args, "sink_position", None),
                        only_full_attention=args.only_full_attention, lora=lora)
 
 

@@ -50,8 +50,10 @@ def swa_fwd(q, k, v, q_pos, k_pos, scale: float, window: int, sinks: int = 0):
     return o.view(B, HQ, TQ, V).to(q.dtype), lse.view(B, HQ, TQ)
 
 
-def swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale: float, window: int, sinks: int = 0):
-    """Gradients ``(dq, dk, dv)`` of ``swa_fwd`` given ``do``."""
+def swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale: float, window: int, sinks: int = 0, dlse=None):
+    """Gradients ``(dq, dk, dv)`` of ``swa_fwd`` given ``do`` (and ``dlse``, the gradient of ``lse``, or None).
+
+    ``d lse / d s_ij = p_ij``, so ``dlse`` enters as ``ds_ij = p_ij (dp_ij - (delta_i - dlse_i))``."""
     B, HQ, TQ, D = q.shape
     HKV, TK, V = k.shape[1], k.shape[2], v.shape[-1]
     G = HQ // HKV
@@ -59,6 +61,8 @@ def swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale: float, window: int, sinks:
     kf, vf = k.float(), v.float()
     dof = do.float().view(B, HKV, G, TQ, V)
     delta = (dof * o.float().view(B, HKV, G, TQ, V)).sum(-1)  # rowsum(do * o)
+    if dlse is not None:
+        delta = delta - dlse.float().view(B, HKV, G, TQ)
     lse = lse.view(B, HKV, G, TQ)
     dq = torch.empty_like(qf)
     dk = torch.zeros_like(kf)

@@ -319,8 +319,9 @@ def swa_fwd(q, k, v, q_pos, k_pos, scale: float, window: int, sinks: int = 0):
     return o, lse
 
 
-def swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale: float, window: int, sinks: int = 0):
-    """Backward: ``(dq, dk, dv)`` in the input dtypes."""
+def swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale: float, window: int, sinks: int = 0, dlse=None):
+    """Backward: ``(dq, dk, dv)`` in the input dtypes; ``dlse`` (gradient of ``lse``, optional) enters through
+    ``delta`` (``ds = p (dp - (delta - dlse))``, as in the reference)."""
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, q_pos, k_pos = _prep(q, k, v, q_pos, k_pos)
     B, HQ, TQ, K = q.shape
@@ -332,6 +333,8 @@ def swa_bwd(q, k, v, q_pos, k_pos, o, lse, do, scale: float, window: int, sinks:
 
     delta = q.new_empty(B, HQ, TQ, dtype=torch.float32)
     swa_bwd_kernel_delta[(triton.cdiv(TQ, 32), B * HQ)](o=o, do=do, delta=delta, TQ=TQ, V=V, BM=32, BV=BV)
+    if dlse is not None:
+        delta = (delta - dlse.float()).contiguous()
 
     dq = torch.empty(B, HQ, TQ, K, dtype=dtypes[0], device=q.device)
     BM, BN, _ = _cfg("dq", max(K, V), TQ)
