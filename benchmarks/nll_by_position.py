@@ -32,11 +32,12 @@ from layer_drift import parse_variant  # noqa: E402  (the same NAME=FLAGS parsin
 from ligerfx.evaluation import cli as eval_cli  # noqa: E402
 from ligerfx.evaluation.harness import _default_texts, default_data_dir  # noqa: E402
 
-EDGES = (1, 69, 256, 1024, 2048, 1 << 30)
+EDGES = (1, 69, 256, 512, 1024, 2048, 1 << 30)  # 512: Gemma 3 local layers see 512 tokens
 
 
 def buckets_for(tokens: int) -> list[tuple[int, int]]:
-    """Target-position buckets [lo, hi) up to ``tokens``: 1-68 (all in the window + sinks), 69-255, 256-1023, ..."""
+    """Target-position buckets [lo, hi) up to ``tokens``: 1-68 (all in the window + sinks), 69-255, 256-511,
+    512-1023, ..."""
     out = []
     for lo, hi in zip(EDGES, EDGES[1:]):
         if lo >= tokens:

@@ -44,19 +44,25 @@ def main(argv=None):
     checks = {}
     for v in VARIANTS:
         f = Path(args.folder) / "checks" / f"{v}.json"
-        if not f.exists():
+        wt = Path(args.folder) / "checks" / f"{v}_wikitext.json"  # a later WikiText-only run supersedes f's
+        if not f.exists() and not wt.exists():
             continue
-        r = json.loads(f.read_text())
+        r = json.loads(f.read_text()) if f.exists() else {}
         c = {}
         if "wikitext" in r.get("tasks", {}):
             c["wikitext_word_perplexity"] = round(r["tasks"]["wikitext"]["word_perplexity"], 2)
+        if wt.exists():
+            w = json.loads(wt.read_text())
+            c["wikitext_word_perplexity"] = round(w["tasks"]["wikitext"]["word_perplexity"], 2)
+            c["wikitext_command"] = w["command"]
         if r.get("generation"):
             g = r["generation"]
             c["lambada_generate"] = {"n": g["n"], "acc_token": g["acc_token"], "acc_word": g["acc_word"]}
         if r.get("decode_consistency"):
             d = r["decode_consistency"]
             c["decode_vs_full"] = {k: round(d[k], 4) for k in ("max_abs_diff", "mean_abs_diff", "argmax_agreement")}
-        c["command"] = r["command"]
+        if "command" in r:
+            c["command"] = r["command"]
         checks[v] = c
     if checks:
         out["checks"] = checks

@@ -199,7 +199,10 @@ class LigerLayer(CacheLayerMixin):
 
     def next_position_at_most(self, limit: int) -> bool:
         """True when, known on the host without a sync, the next token's position is ``<= limit`` (positions count
-        valid tokens; the host length counts every token fed, so it bounds them). False when unknown."""
+        valid tokens; the host length counts every token fed, so it bounds them). False when unknown, and while
+        compiling (a guard on the host count would recompile every step)."""
+        if torch.compiler.is_compiling():
+            return False
         return self._host_length is not None and self._host_length <= limit
 
     def count(self, n_valid: torch.Tensor, T: int) -> None:

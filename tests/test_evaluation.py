@@ -437,6 +437,12 @@ def test_quality_table_collects_the_reports(tmp_path):
         five = [raw[t][metric[t]] for t in ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")]
         assert out["mean_5"][variant] == pytest.approx(sum(five) / 5, abs=0.01)
     assert (tmp_path / "q.png").stat().st_size > 10_000
+    # a later WikiText-only report (checks/<variant>_wikitext.json) supersedes the one in checks/<variant>.json
+    for variant in ("swa_sinks", "ligerfx_complementary"):
+        wt = json.loads((folder / "checks" / f"{variant}_wikitext.json").read_text())["tasks"]["wikitext"]
+        assert out["checks"][variant]["wikitext_word_perplexity"] == pytest.approx(wt["word_perplexity"], abs=0.005)
+    old = json.loads((folder / "checks" / "swa_sinks.json").read_text())["tasks"]["wikitext"]["word_perplexity"]
+    assert out["checks"]["swa_sinks"]["wikitext_word_perplexity"] != pytest.approx(old, abs=0.005)
 
 
 def test_recipe_seeds_means_and_counts_match_the_reports(tmp_path):
@@ -489,6 +495,7 @@ def test_nll_by_position_buckets_add_up_and_the_window_baseline_is_the_teacher_i
     nb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nb)
     assert nb.buckets_for(300) == [(1, 69), (69, 256), (256, 300)]
+    assert nb.buckets_for(2048)[2:] == [(256, 512), (512, 1024), (1024, 2048)]
     tok, model = env["tok"], env["model"].eval()
     texts = [" ".join(p[1] for p in PIQA) * 6, " ".join(p[0] for p in PIQA) * 8]
     n_tok = 300
