@@ -98,6 +98,8 @@ def main(argv=None):
         print(f"[nll_by_position] {name}: " + ", ".join(f"{k} {v['ppl']:.2f}" for k, v in r.items()),
               file=sys.stderr, flush=True)
         del model
+        if args.out:  # after every model: a run stopped by a time limit keeps what it measured
+            Path(args.out).write_text(json.dumps(result, indent=1))
     keys = list(next(iter(result["variants"].values()))["buckets"])
     print(f"\ntoken perplexity by target position ({len(texts)} WikiText-2 articles, first {args.tokens} tokens)\n")
     print("| model | " + " | ".join(f"{k} ({result['variants']['teacher']['buckets'][k]['tokens']})" for k in keys)
