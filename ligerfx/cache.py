@@ -197,14 +197,6 @@ class LigerLayer(CacheLayerMixin):
                 self._write_slots([(self.sink_k, k), (self.sink_v, v)], self.sink_pos, valid, slots)
         self.count(valid.sum(1), T)
 
-    def next_position_at_most(self, limit: int) -> bool:
-        """True when, known on the host without a sync, the next token's position is ``<= limit`` (positions count
-        valid tokens; the host length counts every token fed, so it bounds them). False when unknown, and while
-        compiling (a guard on the host count would recompile every step)."""
-        if torch.compiler.is_compiling():
-            return False
-        return self._host_length is not None and self._host_length <= limit
-
     def count(self, n_valid: torch.Tensor, T: int) -> None:
         """The counters after a call of ``T`` tokens, ``n_valid`` ``[B]`` of them valid: ``seen`` and ``length`` in
         place, the host copy of the length, and "no longer fresh". ``advance`` ends with it; the fused decode step

@@ -247,12 +247,10 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
     B, _, T, _ = q_rope.shape
     if cache is not None:
         cache.prepare(k_rope, v)
-        # rolled sinks (a query past sink_position) need the separate sink scores: the fused op has one query
-        rolled = q_sink is not None and cfg.n_sinks > 0 and not cache.next_position_at_most(int(sink_position))
         if (FUSED_DECODE and T == 1 and cache.seen is not None and not torch.is_grad_enabled()
-                and cfg.variant != "complementary" and not rolled):
+                and cfg.variant != "complementary"):
             return decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, scale=scale, cfg=cfg, valid=valid,
-                               cache=cache)
+                               cache=cache, q_sink=q_sink, sink_position=sink_position)
     if cfg.variant == "complementary":
         start = cache.seen if cache is not None else None
         q_pos = positions(valid, B, T, q_rope.device, start)
@@ -285,7 +283,8 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
 
 
 def decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, cfg: LigerConfig,
-                valid: Optional[torch.Tensor], cache) -> torch.Tensor:
+                valid: Optional[torch.Tensor], cache, q_sink: Optional[torch.Tensor] = None,
+                sink_position: Optional[int] = None) -> torch.Tensor:
     """``liger_attention`` for one new token per sequence (T == 1) onto an allocated ``cache``, autograd off: the
     same math in one op (``ligerfx::liger_decode_``: feature maps, gate, state update, window over the sinks, the
     ring and the token itself, mix, then the token's ring and sink writes, all in place), then the counters. A
@@ -293,8 +292,11 @@ def decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, cfg:
     branch-by-branch path: the feature maps and the window branch's output are not rounded to the compute dtype
     before the state update and the mix (fp32 throughout)."""
     pos = positions(valid, q_rope.shape[0], 1, q_rope.device, cache.seen)
+    qs = None
+    if q_sink is not None and sink_position is not None and cfg.n_sinks > 0:  # past P: sinks scored from P
+        qs = torch.where((pos > int(sink_position))[:, None, :, None], q_sink, q_rope)
     o = ops.liger_decode_(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, cache.state, cache.win_k, cache.win_v,
                           cache.win_pos, cache.sink_k, cache.sink_v, cache.sink_pos, float(scale), int(cfg.window),
-                          float(cfg.recurrent_weight), float(cfg.gate_normalizer))
+                          float(cfg.recurrent_weight), float(cfg.gate_normalizer), qs)
     cache.count((pos >= 0).sum(1), 1)
     return o

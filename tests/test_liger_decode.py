@@ -172,6 +172,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default, (*(x[n] for n in NAMES), 0.3, W, 0.5, 16.0))
     x = op_inputs(recurrent=False, S=0)
     torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default, (*(x[n] for n in NAMES), 0.3, W, 0.0, 16.0))
+    x, q_sink = _sink_query_inputs()
+    torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default,
+                          (*(x[n] for n in NAMES), 0.3, 4, 0.5, 16.0, q_sink))
 
 
 # ------------------------------------------------------------------------------------------- Triton interpreter
@@ -277,3 +280,43 @@ def test_decode_step_has_no_host_sync(arch, attn, fused, monkeypatch):
 def test_triton_decode_model_shapes(HKV, G, K, S, seen):
     """Real head dims and the real ring (window 64): full register tiles of K = 256, ring wrap, sinks filling."""
     check_kernel(op_inputs(B=2, HKV=HKV, G=G, K=K, V=K, W=64, S=S, seen=seen, pad=(False, False)), window=64)
+
+
+def _sink_query_inputs(dtype=torch.float32):
+    x = op_inputs(W=4, S=3, seen=(40, 13, 2), pad=(False, False, False), dtype=dtype)  # sinks left the window
+    g = torch.Generator().manual_seed(7)
+    q_sink = (torch.randn(x["q_rope"].shape, generator=g) * 2).to(dtype)
+    return x, q_sink
+
+
+def test_naive_decode_sink_query_scores_only_the_sink_slots():
+    """``q_sink`` replaces q_rope for the sink slots only: passing q_rope itself changes nothing, another query
+    changes the output of the rows that have sinks, and the buffer writes never depend on it."""
+    x, q_sink = _sink_query_inputs()
+    args = lambda y: [y[n] for n in NAMES] + [0.3, 4, 0.5, 16.0]  # noqa: E731
+    y0, y1, y2 = ({n: None if t is None else t.clone() for n, t in x.items()} for _ in range(3))
+    o0 = naive.liger_decode(*args(y0))
+    o1 = naive.liger_decode(*args(y1), q_sink=x["q_rope"].clone())
+    o2 = naive.liger_decode(*args(y2), q_sink=q_sink)
+    assert torch.equal(o0, o1)
+    assert (o2[:2] - o0[:2]).abs().max() > 1e-3  # rows 0, 1 hold sinks
+    for n in MUTATED:
+        assert torch.equal(y0[n], y2[n]), n
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_decode_sink_query_matches_naive(dtype):
+    from ligerfx.kernels.liger import decode
+    x, q_sink = _sink_query_inputs(dtype)
+    outs = []
+    for fn in (decode.liger_decode, naive.liger_decode):
+        y = {n: None if t is None else t.clone() for n, t in x.items()}
+        outs.append((fn(*(y[n] for n in NAMES), 0.3, 4, 0.5, 16.0, q_sink), y))
+    (o, y), (o_ref, y_ref) = outs
+    assert rel(o, o_ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    for n in MUTATED:
+        if n == "state":
+            assert rel(y[n], y_ref[n]) < 1e-5
+        else:
+            assert torch.equal(y[n], y_ref[n]), n

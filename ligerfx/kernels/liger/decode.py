@@ -84,11 +84,11 @@ def _store_token(b_x, win, sink, i_bh, b_pos, b_pos_x, o_x, m_x, W: tl.constexpr
 
 @triton.jit
 def liger_decode_kernel(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k,
-                        sink_v, sink_pos, o, s_qp_b, s_qp_h, s_kp_b, s_kp_h, s_v_b, s_v_h, s_g_b, s_g_h, s_qr_b,
-                        s_qr_h, s_kr_b, s_kr_h, scale, window, mix, inv_norm, HKV,
+                        sink_v, sink_pos, o, q_sink, s_qp_b, s_qp_h, s_kp_b, s_kp_h, s_v_b, s_v_h, s_g_b, s_g_h,
+                        s_qr_b, s_qr_h, s_kr_b, s_kr_h, s_qs_b, s_qs_h, scale, window, mix, inv_norm, HKV,
                         G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
                         BG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, BS: tl.constexpr,
-                        RECURRENT: tl.constexpr, WINDOWED: tl.constexpr):
+                        RECURRENT: tl.constexpr, WINDOWED: tl.constexpr, SINKQ: tl.constexpr):
     i_bh = tl.cast(tl.program_id(0), tl.int64)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     o_g, o_k = tl.arange(0, BG), tl.arange(0, BK)
@@ -135,7 +135,11 @@ def liger_decode_kernel(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, w
                                   S, S, W, BW, G, BG, K)  # [BG, BW]
             b_m = tl.maximum(b_m, tl.max(b_sw, 1))
         if S > 0:
-            b_ss = _window_scores(b_q, sink_k + i_bh * S * K, sink_pos + i_b * S, b_pos, o_g, o_k, m_k, scale,
+            b_qs = b_q  # the sink slots' query: q_rope, or the caller's q_sink (sinks scored from a fixed position)
+            if SINKQ:
+                b_qs = tl.load(q_sink + i_b * s_qs_b + i_hq[:, None] * s_qs_h + o_k[None, :], mask=m_gk,
+                               other=0.).to(tl.float32)
+            b_ss = _window_scores(b_qs, sink_k + i_bh * S * K, sink_pos + i_b * S, b_pos, o_g, o_k, m_k, scale,
                                   window, 0, S, S, BS, G, BG, K)  # [BG, BS]
             b_m = tl.maximum(b_m, tl.max(b_ss, 1))
         # a padded row sees no key: every score -inf, p = 0, o_swa = 0
@@ -214,7 +218,7 @@ def _strides(x: torch.Tensor):
 
 
 def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k, sink_v,
-                 sink_pos, scale: float, window: int, mix: float, gate_normalizer: float):
+                 sink_pos, scale: float, window: int, mix: float, gate_normalizer: float, q_sink=None):
     """One decode step, in place on the buffers (``naive.liger_decode``'s contract). The buffers must be
     contiguous (they are written in place); the inputs may be strided views with a unit stride over the head dim."""
     B, HQ, T, K = q_pre.shape
@@ -232,6 +236,7 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
     S = 0 if sink_k is None else sink_k.shape[2]
     (q_pre, s_qp_b, s_qp_h), (k_pre, s_kp_b, s_kp_h), (v, s_v_b, s_v_h), (gate_src, s_g_b, s_g_h), \
         (q_rope, s_qr_b, s_qr_h), (k_rope, s_kr_b, s_kr_h) = map(_strides, (q_pre, k_pre, v, gate_src, q_rope, k_rope))
+    q_sink, s_qs_b, s_qs_h = _strides(q_sink) if q_sink is not None else (q_rope, s_qr_b, s_qr_h)
     pos = pos.reshape(B).contiguous()
     o = v.new_empty(B, HQ, 1, V)
     BK = max(16, triton.next_power_of_2(K))
@@ -245,11 +250,11 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
         q_pre=q_pre, k_pre=k_pre, v=v, gate_src=gate_src, q_rope=q_rope, k_rope=k_rope, pos=pos,
         state=none if state is None else state, win_k=none if W == 0 else win_k, win_v=none if W == 0 else win_v,
         win_pos=pos if W == 0 else win_pos, sink_k=none if S == 0 else sink_k, sink_v=none if S == 0 else sink_v,
-        sink_pos=pos if S == 0 else sink_pos, o=o, s_qp_b=s_qp_b, s_qp_h=s_qp_h, s_kp_b=s_kp_b, s_kp_h=s_kp_h,
+        sink_pos=pos if S == 0 else sink_pos, o=o, q_sink=q_sink, s_qp_b=s_qp_b, s_qp_h=s_qp_h, s_kp_b=s_kp_b, s_kp_h=s_kp_h,
         s_v_b=s_v_b, s_v_h=s_v_h, s_g_b=s_g_b, s_g_h=s_g_h, s_qr_b=s_qr_b, s_qr_h=s_qr_h, s_kr_b=s_kr_b,
-        s_kr_h=s_kr_h, scale=float(scale), window=int(window), mix=float(mix), inv_norm=1.0 / float(gate_normalizer),
+        s_kr_h=s_kr_h, s_qs_b=s_qs_b, s_qs_h=s_qs_h, scale=float(scale), window=int(window), mix=float(mix), inv_norm=1.0 / float(gate_normalizer),
         HKV=HKV, G=G, K=K, V=V, W=W, S=S, BG=triton.next_power_of_2(G), BK=BK, BV=BV, BW=BW, BS=BS,
-        RECURRENT=state is not None, WINDOWED=mix < 1, **launch)
+        RECURRENT=state is not None, WINDOWED=mix < 1, SINKQ=q_sink is not q_rope and S > 0, **launch)
     if W > 0 or S > 0:
         liger_decode_kernel_pos[(B,)](pos=pos, win_pos=pos if W == 0 else win_pos,
                                       sink_pos=pos if S == 0 else sink_pos, W=W, S=S)

@@ -109,7 +109,7 @@ def liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, 
 
 
 def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k, sink_v,
-                 sink_pos, scale: float, window: int, mix: float, gate_normalizer: float):
+                 sink_pos, scale: float, window: int, mix: float, gate_normalizer: float, q_sink=None):
     """One decode step (one new token per sequence) of Liger attention onto a ``ligerfx.cache.LigerLayer``'s
     buffers, which it updates in place. The reference of ``decode.py``'s kernel and of ``ligerfx::liger_decode_``.
 
@@ -131,6 +131,9 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
                        position p visible iff 0 <= p <= pos and (pos - p <= window or p < S); ring slots holding a
                        position < S are skipped (that token sits in a sink slot); a padded row sees nothing (0)
         o            = mix * o_gla + (1 - mix) * o_swa  (a missing branch contributes 0: no state, or mix == 1)
+
+    ``q_sink`` (optional, like ``q_rope``) scores the sink slots instead of ``q_rope`` (the caller passes the query
+    RoPE'd at the sink position once the token is past it: ``LigerConfig.sink_position``).
 
     then, for a valid row only, the new k_rope / v go into ring slot ``pos % W`` and, if ``pos < S``, into sink slot
     ``pos``, with their positions. The new key and value enter the window rounded to the buffers' dtype (as they
@@ -172,6 +175,10 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
         seen = (kp >= 0) & (kp <= qp) & ((qp - kp <= window) | (kp < n_sinks))
         q = q_rope[:, :, 0].to(f).view(B, HKV, G, K)
         scores = torch.einsum("bhgk,bhnk->bhgn", q, k_all) * scale
+        if q_sink is not None and n_sinks:
+            qs = q_sink[:, :, 0].to(f).view(B, HKV, G, K)
+            scores = torch.cat([torch.einsum("bhgk,bhnk->bhgn", qs, k_all[:, :, :n_sinks]) * scale,
+                                scores[..., n_sinks:]], -1)
         p = torch.softmax(scores.masked_fill(~seen[:, None, None], float("-inf")), -1).nan_to_num(0.0)
         o += (1.0 - mix) * (p @ v_all)
 
