@@ -94,9 +94,12 @@ def _linearize(model, config: LigerConfig) -> int:
                 bool(getattr(module, "sliding_window", None))
             if sliding:
                 continue
+        if P is not None and id(module) not in at_p:
+            raise UnsupportedAttentionError(f"{path}: no call recorded at the sink position {P} (the one-token probe "
+                                            "did not reach this attention); use sink_position='absolute'")
         try:
-            lin = linearize_module(module, path, idx, call, config,
-                                   sink=(P, at_p[id(module)]) if id(module) in at_p else None)
+            sink = None if P is None else (P, at_p[id(module)])
+            lin = linearize_module(module, path, idx, call, config, sink=sink)
         except UnsupportedAttentionError as e:
             msg = str(e)
             raise UnsupportedAttentionError(msg if msg.startswith(path) else f"{path}: {msg}") from None

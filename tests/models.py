@@ -41,3 +41,22 @@ def left_padded(B=2, T=30, pad=(0, 7), vocab=128, seed=1):
         ids[b, :p] = 0
     pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
     return ids, mask, pos
+
+
+def assert_generate_is_greedy_full_forward(model, ids, mask, steps: int, valid_positions: bool = False):
+    """Cached greedy ``generate()`` == greedy decoding by uncached full forwards: the same tokens, and each step's
+    logits within 1e-4 (relative). ``valid_positions``: the full forwards get position ids counting valid tokens, as
+    ``generate()`` builds them (needed where absolute positions matter, e.g. ``LigerConfig.sink_position``)."""
+    from reference import rel
+
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        seq, m = ids, mask
+        for step in range(steps):
+            kw = {"position_ids": (m.cumsum(1) - 1).clamp_min(0)} if valid_positions else {}
+            logits = model(seq, attention_mask=m, **kw).logits[:, -1]
+            assert rel(out.logits[step], logits) < 1e-4, step
+            nxt = logits.argmax(-1, keepdim=True)
+            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    assert torch.equal(out.sequences, seq)

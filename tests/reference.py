@@ -26,23 +26,7 @@ def gla_recurrence64(q, k, v, g, h0=None):
 
 def window_attention64(q, k, v, q_pos, k_pos, scale, window, sinks=0):
     """Softmax over keys with k_pos <= q_pos and (q_pos - k_pos <= window or k_pos < sinks); -1 = invalid."""
-    q, k, v = q.double(), k.double(), v.double()
-    G = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    B, H, TQ, _ = q.shape
-    out = torch.zeros(B, H, TQ, v.shape[-1], dtype=torch.float64)
-    for b in range(B):
-        for i in range(TQ):
-            qp = int(q_pos[b, i])
-            if qp < 0:
-                continue
-            keys = [j for j in range(k.shape[2]) if 0 <= int(k_pos[b, j]) <= qp
-                    and (qp - int(k_pos[b, j]) <= window or int(k_pos[b, j]) < sinks)]
-            if not keys:
-                continue
-            s = torch.einsum("hd,hjd->hj", q[b, :, i], k[b, :, keys]) * scale
-            out[b, :, i] = torch.einsum("hj,hjv->hv", s.softmax(-1), v[b, :, keys])
-    return out
+    return window_sinks64(q, q, k, v, q_pos, k_pos, scale, window, sinks, sink_position=float("inf"))
 
 
 def complementary64(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, scale, window, sinks, normalizer):

@@ -16,7 +16,7 @@ import ligerfx
 from ligerfx import liger
 from ligerfx.cache import LigerLayer
 from ligerfx.config import LigerConfig
-from models import tiny
+from models import assert_generate_is_greedy_full_forward, tiny
 from reference import complementary64, rel
 
 SCALE = 0.3
@@ -162,14 +162,4 @@ def test_tiny_model_generate_equals_full_forward_greedy():
     ids = torch.randint(3, 100, (2, 11))
     mask = torch.ones_like(ids)
     ids[1, :3], mask[1, :3] = 0, 0
-    with torch.no_grad():
-        out = lin.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True, pad_token_id=0)
-        seq = ids
-        m = mask
-        for step in range(12):
-            logits = lin(seq, attention_mask=m).logits[:, -1]
-            assert rel(out.logits[step], logits) < 1e-4, step
-            nxt = logits.argmax(-1, keepdim=True)
-            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
-    assert torch.equal(out.sequences, seq)
+    assert_generate_is_greedy_full_forward(lin, ids, mask, 12)

@@ -13,7 +13,7 @@ import ligerfx
 from ligerfx import liger, ops
 from ligerfx.config import LigerConfig
 from ligerfx.kernels.swa import naive as swa_naive
-from models import tiny
+from models import assert_generate_is_greedy_full_forward, tiny
 from reference import rel, window_sinks64
 
 SCALE = 0.4
@@ -180,17 +180,7 @@ def test_generate_equals_full_forward_with_rolled_sinks(variant):
     ids = torch.randint(3, 100, (2, 6))
     mask = torch.ones_like(ids)
     ids[1, :2], mask[1, :2] = 0, 0
-    with torch.no_grad():
-        out = lin.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True, pad_token_id=0)
-        seq, m = ids, mask
-        for step in range(10):
-            pid = (m.cumsum(1) - 1).clamp_min(0)
-            logits = lin(seq, attention_mask=m, position_ids=pid).logits[:, -1]
-            assert rel(out.logits[step], logits) < 1e-4, step
-            nxt = logits.argmax(-1, keepdim=True)
-            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
-    assert torch.equal(out.sequences, seq)
+    assert_generate_is_greedy_full_forward(lin, ids, mask, 10, valid_positions=True)
 
 
 def test_config_resolution():

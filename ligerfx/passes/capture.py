@@ -89,8 +89,8 @@ def find_attention(model: torch.nn.Module, batch: int = PROBE_B, length: int = P
     ids = ids.to(device)
     try:
         with torch.no_grad(), _Recorder(stack, hits, length):
-            model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                  position_ids=torch.arange(start, start + length, device=device).expand(batch, length), use_cache=False)
+            pos = torch.arange(start, start + length, device=device).expand(batch, length)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos, use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -87,10 +87,10 @@ def liger_site(q_pre, k_pre, v, gate, q_rope, k_rope, ctx: _Ctx, q_sink=None):
     layer = None
     if ctx.cache is not None:
         layer = liger_layer(ctx.cache, ctx.lin.layer_idx, cfg)
-    sink_position = ctx.lin.sink[0] if (q_sink is not None and ctx.lin.sink is not None) else None
+    # q_sink exists only where the pass was given a sink position (``lin.sink``)
     return liger.liger_attention(q_pre, k_pre, v, gate, q_rope, k_rope, scale=info.scale, cfg=cfg, valid=valid,
-                                 cache=layer, q_sink=q_sink if sink_position is not None else None,
-                                 sink_position=sink_position)
+                                 cache=layer, q_sink=q_sink,
+                                 sink_position=None if q_sink is None else ctx.lin.sink[0])
 
 
 def _expand_row(row, like):
@@ -384,10 +384,7 @@ class LinearizedAttention:
     def flat_inputs(self, arguments: dict) -> list:
         flat = []
         for path, used in zip(self.paths, self.used):
-            try:
-                x = _get(arguments, path)
-            except (KeyError, IndexError, TypeError):
-                x = None
+            x = _get_or_none(arguments, path)
             if x is None and used:
                 raise TypeError(f"{self.path}: the attention forward was called without "
                                 f"{pytree.keystr(path)}, which its graph needs")

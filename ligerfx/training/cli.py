@@ -115,7 +115,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gate-normalizer", type=float, default=16.0)
     g.add_argument("--variant", default="gla", choices=VARIANTS)
     g.add_argument("--sinks", type=int, default=None)
-    g.add_argument("--sink-position", type=_sink_position, default=None, help="position past which a query scores the attention sinks as if it stood there (RoPE'd at it): an int, 'absolute' (true distances) or omitted (the model's shortest attention span - 1: sliding_window - 1 for Gemma 3)")
+    g.add_argument("--sink-position", type=_sink_position, default=None,
+                   help="position past which a query scores the attention sinks as if it stood there (RoPE'd at "
+                        "it): an int, 'absolute' (true distances) or omitted (the model's shortest attention span - 1: "
+                        "sliding_window - 1 for Gemma 3)")
     g.add_argument("--layers", type=_layers, default=None, help="comma-separated layer indices to linearize")
     g.add_argument("--only-full-attention", action="store_true")
 

@@ -250,9 +250,10 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
         q_pre=q_pre, k_pre=k_pre, v=v, gate_src=gate_src, q_rope=q_rope, k_rope=k_rope, pos=pos,
         state=none if state is None else state, win_k=none if W == 0 else win_k, win_v=none if W == 0 else win_v,
         win_pos=pos if W == 0 else win_pos, sink_k=none if S == 0 else sink_k, sink_v=none if S == 0 else sink_v,
-        sink_pos=pos if S == 0 else sink_pos, o=o, q_sink=q_sink, s_qp_b=s_qp_b, s_qp_h=s_qp_h, s_kp_b=s_kp_b, s_kp_h=s_kp_h,
-        s_v_b=s_v_b, s_v_h=s_v_h, s_g_b=s_g_b, s_g_h=s_g_h, s_qr_b=s_qr_b, s_qr_h=s_qr_h, s_kr_b=s_kr_b,
-        s_kr_h=s_kr_h, s_qs_b=s_qs_b, s_qs_h=s_qs_h, scale=float(scale), window=int(window), mix=float(mix), inv_norm=1.0 / float(gate_normalizer),
+        sink_pos=pos if S == 0 else sink_pos, o=o, q_sink=q_sink, s_qp_b=s_qp_b, s_qp_h=s_qp_h, s_kp_b=s_kp_b,
+        s_kp_h=s_kp_h, s_v_b=s_v_b, s_v_h=s_v_h, s_g_b=s_g_b, s_g_h=s_g_h, s_qr_b=s_qr_b, s_qr_h=s_qr_h,
+        s_kr_b=s_kr_b, s_kr_h=s_kr_h, s_qs_b=s_qs_b, s_qs_h=s_qs_h, scale=float(scale), window=int(window),
+        mix=float(mix), inv_norm=1.0 / float(gate_normalizer),
         HKV=HKV, G=G, K=K, V=V, W=W, S=S, BG=triton.next_power_of_2(G), BK=BK, BV=BV, BW=BW, BS=BS,
         RECURRENT=state is not None, WINDOWED=mix < 1, SINKQ=q_sink is not q_rope and S > 0, **launch)
     if W > 0 or S > 0:
