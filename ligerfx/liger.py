@@ -214,34 +214,6 @@ def complementary_branch(q_pre, k_pre, v, gate_src, pos, cfg: LigerConfig, cache
     return o
 
 
-def complementary_decode(q_pre, gate_src, pos, cfg: LigerConfig, cache) -> torch.Tensor:
-    """``complementary_branch`` for one new token per sequence onto an allocated cache (the same numbers, a few
-    ops instead of the compaction and the lagged GLA): the token reads the state (every token but the ring) decayed
-    by the gates of the ring's tokens and its own, ``phi(q) . (exp(sum g) * S)``; then the ring's oldest token (slot
-    ``seen % window``, occupied once the ring is full) leaves it and enters the state, ``S = a * S + phi(k) [v, 1]``
-    (a sink only decays it), unless the new token is padding. Returns fp32 ``[B, HQ, 1, V + 1]``."""
-    B, HQ, _, K = q_pre.shape
-    HKV, W = cache.win_kp.shape[1], cache.win_kp.shape[2]
-    G = HQ // HKV
-    valid = pos[:, 0] >= 0
-    S0 = cache.state if not cache._fresh else torch.zeros_like(cache.state)
-    g_ring = (log_gate(cache.win_gs, cfg.gate_normalizer) * (cache.win_pos >= 0)[:, None, :, None]).sum(2)
-    g_new = log_gate(gate_src[:, :, 0], cfg.gate_normalizer) * valid[:, None, None]
-    read = S0 * (g_ring + g_new).exp()[..., None]  # [B, HKV, K, V + 1]
-    phi_q = feature_map(q_pre[:, :, 0]).view(B, HKV, G, K)
-    o = torch.einsum("bhgk,bhkv->bhgv", phi_q, read).reshape(B, HQ, 1, -1)
-    rows = torch.arange(B, device=pos.device)
-    slot = cache.seen % W
-    old_pos = cache.win_pos[rows, slot]
-    push = valid & (old_pos >= 0)
-    write = (push & (old_pos >= cfg.n_sinks)).to(torch.float32)[:, None, None]
-    k_old, v_old = cache.win_kp[rows, :, slot].float(), cache.win_v[rows, :, slot].float()  # [B, HKV, K|V]
-    a_old = (log_gate(cache.win_gs[rows, :, slot], cfg.gate_normalizer) * push[:, None, None]).exp()
-    v1 = torch.cat([v_old, torch.ones_like(v_old[..., :1])], -1)
-    cache.update_state(S0 * a_old[..., None] + (feature_map(k_old) * write)[..., None] * v1[:, :, None, :])
-    return o
-
-
 def combine_complementary(o_swa: torch.Tensor, o_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(o_swa + sum_j w_tj v_j) / (1 + sum_j w_tj)``: the window's mass is 1, each token beyond it weighs w_tj."""
     return ((o_swa.float() + o_out[..., :-1]) / (1.0 + o_out[..., -1:])).to(dtype)
@@ -275,18 +247,13 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
     B, _, T, _ = q_rope.shape
     if cache is not None:
         cache.prepare(k_rope, v)
-        if (FUSED_DECODE and T == 1 and cache.seen is not None and not torch.is_grad_enabled()
-                and cfg.variant != "complementary"):
+        if FUSED_DECODE and T == 1 and cache.seen is not None and not torch.is_grad_enabled():
             return decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, scale=scale, cfg=cfg, valid=valid,
                                cache=cache, q_sink=q_sink, sink_position=sink_position)
     if cfg.variant == "complementary":
         start = cache.seen if cache is not None else None
         q_pos = positions(valid, B, T, q_rope.device, start)
-        if (FUSED_DECODE and cache is not None and T == 1 and cache.seen is not None and cache.win_kp is not None
-                and not torch.is_grad_enabled()):  # a decode step: the state read and push directly
-            o_out = complementary_decode(q_pre, gate_src, q_pos, cfg, cache)
-        else:
-            o_out = complementary_branch(q_pre, k_pre, v, gate_src, q_pos, cfg, cache, padded=valid is not None)
+        o_out = complementary_branch(q_pre, k_pre, v, gate_src, q_pos, cfg, cache, padded=valid is not None)
         if cache is not None:
             keys, values, k_pos = cache.window_keys(k_rope, v, q_pos)
         else:
@@ -320,7 +287,9 @@ def decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, cfg:
     """``liger_attention`` for one new token per sequence (T == 1) onto an allocated ``cache``, autograd off: the
     same math in one op (``ligerfx::liger_decode_``: feature maps, gate, state update, window over the sinks, the
     ring and the token itself, mix, then the token's ring and sink writes, all in place), then the counters. A
-    missing branch (``swa_sinks``: no state; ``mix=1``: no ring) is skipped inside the op. Differences from the
+    missing branch (``swa_sinks``: no state; ``mix=1``: no ring) is skipped inside the op; ``complementary`` reads
+    the state decayed to the token, shares the window's normaliser and pushes the ring's oldest token into the
+    state (the op's ``win_kp`` / ``win_gs`` mode). Differences from the
     branch-by-branch path: the feature maps and the window branch's output are not rounded to the compute dtype
     before the state update and the mix (fp32 throughout)."""
     pos = positions(valid, q_rope.shape[0], 1, q_rope.device, cache.seen)
@@ -329,6 +298,6 @@ def decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, cfg:
         qs = torch.where((pos > int(sink_position))[:, None, :, None], q_sink, q_rope)
     o = ops.liger_decode_(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, cache.state, cache.win_k, cache.win_v,
                           cache.win_pos, cache.sink_k, cache.sink_v, cache.sink_pos, float(scale), int(cfg.window),
-                          float(cfg.recurrent_weight), float(cfg.gate_normalizer), qs)
+                          float(cfg.recurrent_weight), float(cfg.gate_normalizer), qs, cache.win_kp, cache.win_gs)
     cache.count((pos >= 0).sum(1), 1)
     return o

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ligerfx
 from ligerfx import liger
@@ -19,12 +20,13 @@ from models import left_padded, tiny
 from reference import rel
 
 W = 8
-BUFFERS = ("state", "win_k", "win_v", "win_pos", "sink_k", "sink_v", "sink_pos", "seen", "length")
+BUFFERS = ("state", "win_k", "win_v", "win_pos", "sink_k", "sink_v", "sink_pos", "seen", "length", "win_kp", "win_gs")
 CONFIGS = {
     "gla": dict(window=W),
     "gla_sinks": dict(window=W, sinks=4),
     "swa_sinks": dict(window=W, variant="swa_sinks"),  # no recurrent branch, 4 sinks
     "pure_gla": dict(window=W, mix=1.0),  # no window branch, no ring
+    "complementary": dict(window=W, variant="complementary", gate_normalizer=4.0),  # 4 sinks, state of V + 1
 }
 
 
@@ -42,6 +44,8 @@ def attend(cfg, layer, x, valid, fused: bool, monkeypatch):
 
 
 def new_layer(cfg):
+    if cfg.variant == "complementary":
+        return LigerLayer(cfg.window, cfg.n_sinks, complementary=True)
     return LigerLayer(cfg.window, cfg.n_sinks, recurrent=cfg.recurrent_weight > 0, windowed=cfg.recurrent_weight < 1)
 
 
@@ -64,7 +68,9 @@ def assert_same_layer(a: LigerLayer, b: LigerLayer, tol=1e-5):
 def test_naive_decode_equals_branch_by_branch_path(cfg, G, prefill, monkeypatch):
     """Two caches fed the same prefill and 14 decode steps, one through the fused op (naive twin: the CPU default),
     one through the old path: same outputs, same buffers and counters after every step. Row 1 gets padding tokens
-    in the middle (steps 2, 5, 6); the states are randomised after the prefill."""
+    in the middle (steps 2, 5, 6); the states are randomised after the prefill. For ``complementary`` the old path
+    is ``complementary_branch`` on the cache (equal to the float64 reference in ``test_complementary.py``); with
+    prefill 11 the ring (8) is full, so tokens leave it for the state from the first step."""
     cfg = LigerConfig(**CONFIGS[cfg])
     B, HKV, K, V = 3, 2, 12, 10
     old, new = new_layer(cfg), new_layer(cfg)
@@ -75,7 +81,8 @@ def test_naive_decode_equals_branch_by_branch_path(cfg, G, prefill, monkeypatch)
         for layer in (old, new):
             attend(cfg, layer, x, valid, False, monkeypatch)
         if old.state is not None:
-            old.state.normal_()
+            # a complementary state's weights (phi >= 0) and normaliser column are non-negative
+            old.state.normal_() if cfg.variant != "complementary" else old.state.uniform_(0.0, 2.0)
             new.state.copy_(old.state)
     for step in range(14):
         x = step_inputs(B, HKV, G, 1, K, V)
@@ -224,7 +231,7 @@ def test_triton_decode_variants(case):
 
 @interpreter
 @pytest.mark.usefixtures("nan_poison")
-@pytest.mark.parametrize("cfg", ["gla_sinks", "swa_sinks"])
+@pytest.mark.parametrize("cfg", ["gla_sinks", "swa_sinks", "complementary"])
 def test_triton_decode_steps_equal_naive_steps(cfg, monkeypatch):
     """12 steps through ``liger_attention``: the Triton kernel (interpreter) and the naive twin keep the same
     cache (the writes of step t are the reads of step t + 1)."""
@@ -320,3 +327,126 @@ def test_triton_decode_sink_query_matches_naive(dtype):
             assert rel(y[n], y_ref[n]) < 1e-5
         else:
             assert torch.equal(y[n], y_ref[n]), n
+
+
+# ------------------------------------------------------------------------------------- complementary (op level)
+def comp_inputs(B=3, HKV=2, G=2, K=16, V=16, W=W, S=4, seen=(3, 13, 0), pad=(False, False, True),
+                dtype=torch.float32):
+    """``op_inputs`` plus the complementary ring (pre-RoPE keys, gate inputs) and a state of V + 1 columns with a
+    non-negative normaliser column."""
+    x = op_inputs(B, HKV, G, K, V, W, S, seen, pad, dtype=dtype)
+    gen = torch.Generator().manual_seed(3)
+    x["state"] = torch.rand(B, HKV, K, V + 1, generator=gen) * 2
+    x["win_kp"] = (torch.randn(B, HKV, W, K, generator=gen) * 2).to(dtype)
+    x["win_gs"] = (torch.randn(B, HKV, W, K, generator=gen) + 1).to(dtype)
+    return x
+
+
+COMP_NAMES = NAMES + ("win_kp", "win_gs")
+COMP_MUTATED = MUTATED + ("win_kp", "win_gs")
+
+
+def call_comp(fn, x, window=W):
+    y = {n: None if t is None else t.clone() for n, t in x.items()}
+    o = fn(*(y[n] for n in NAMES), 0.3, window, 0.5, 4.0, None, y["win_kp"], y["win_gs"])
+    return o, y
+
+
+def test_naive_complementary_step_equals_float64_by_hand():
+    """The op's complementary step, written out per row in float64 without the op's vectorisation: read the state
+    decayed by every occupied ring slot's gate and the token's own, share the window's normaliser, push the ring's
+    oldest token (slot pos % W) into the state unless it is empty or a sink; a padded row keeps its state. Rows:
+    0 has seen 3 tokens (ring not full: nothing leaves), 1 has seen 13 (slot 5 holds position 5, a non-sink, which
+    leaves), 2 is padding."""
+    x = comp_inputs(seen=(3, 13, 0))
+    o, y = call_comp(naive.liger_decode, x)
+    d = {n: None if t is None else (t.double() if t.is_floating_point() else t) for n, t in x.items()}
+    lg = lambda t: F.logsigmoid(t) / 4.0  # noqa: E731
+    K, V = 16, 16
+    for b in range(2):  # the valid rows
+        p = int(d["pos"][b, 0])
+        for h in range(2):
+            S0 = d["state"][b, h]
+            occupied = [j for j in range(W) if d["win_pos"][b, j] >= 0]
+            g = sum((lg(d["win_gs"][b, h, j]) for j in occupied), torch.zeros(K, dtype=torch.float64))
+            g = g + lg(d["gate_src"][b, h, 0])
+            read = S0 * g.exp()[:, None]
+            # window softmax over the sinks held (positions < 4 and < p), the ring's non-sink tokens, the token
+            keys, vals = [], []
+            for s in range(4):
+                if 0 <= int(d["sink_pos"][b, s]) <= p:
+                    keys.append(d["sink_k"][b, h, s]), vals.append(d["sink_v"][b, h, s])
+            for j in occupied:
+                if int(d["win_pos"][b, j]) >= 4:
+                    keys.append(d["win_k"][b, h, j]), vals.append(d["win_v"][b, h, j])
+            keys.append(d["k_rope"][b, h, 0]), vals.append(d["v"][b, h, 0])
+            Kt, Vt = torch.stack(keys), torch.stack(vals)
+            for gq in range(2):
+                hq = h * 2 + gq
+                w = torch.softmax(Kt @ d["q_rope"][b, hq, 0] * 0.3, 0)
+                r = torch.softmax(d["q_pre"][b, hq, 0], 0) @ read
+                ref = (w @ Vt + r[:V]) / (1 + r[V])
+                assert rel(o[b, hq, 0], ref) < 1e-5, (b, hq)
+            slot = p % W
+            old = int(d["win_pos"][b, slot])
+            S1 = S0.clone()
+            if old >= 0:
+                S1 = S0 * lg(d["win_gs"][b, h, slot]).exp()[:, None]
+                if old >= 4:
+                    v1 = torch.cat([d["win_v"][b, h, slot], torch.ones(1, dtype=torch.float64)])
+                    S1 = S1 + torch.softmax(d["win_kp"][b, h, slot], 0)[:, None] * v1[None, :]
+            assert rel(y["state"][b, h], S1) < 1e-6, (b, h)
+        assert torch.equal(y["win_kp"][b, :, p % W], x["k_pre"][b, :, 0])
+        assert torch.equal(y["win_gs"][b, :, p % W], x["gate_src"][b, :, 0])
+    assert int(x["win_pos"][1, 13 % W]) == 5  # row 1 pushed a real token
+    for n in COMP_MUTATED:
+        assert torch.equal(y[n][2], x[n][2]), n  # padding changes nothing
+
+
+def test_opcheck_complementary():
+    x = comp_inputs()
+    torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default,
+                          (*(x[n] for n in NAMES), 0.3, W, 0.5, 4.0, None, x["win_kp"], x["win_gs"]))
+
+
+def check_comp_kernel(x, window=W):
+    from ligerfx.kernels.liger import decode
+    o, y = call_comp(decode.liger_decode, x, window)
+    x32 = {n: t.float() if t is not None and t.is_floating_point() and n not in COMP_MUTATED else t
+           for n, t in x.items()}
+    o_ref, y_ref = call_comp(naive.liger_decode, x32, window)
+    tol = 1e-5 if x["v"].dtype == torch.float32 else 2e-3
+    assert o.dtype == x["v"].dtype and o.shape == o_ref.shape
+    assert rel(o, o_ref) < tol
+    for n in COMP_MUTATED:
+        if y[n] is None:
+            continue
+        if n == "state":
+            assert rel(y[n], y_ref[n]) < 1e-5
+        else:
+            assert torch.equal(y[n], y_ref[n]), n
+
+
+@interpreter
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("G,K,V,S,seen", [(2, 16, 16, 4, (3, 13, 0)), (1, 16, 32, 0, (8, 20, 9)),
+                                         (4, 12, 20, 2, (9, 2, 30))])
+def test_triton_complementary_decode_matches_naive(G, K, V, S, seen, dtype):
+    check_comp_kernel(comp_inputs(G=G, K=K, V=V, S=S, seen=seen, dtype=dtype))
+
+
+@interpreter
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("HKV,G,K,seen", [(1, 4, 256, (70, 2)), (2, 4, 64, (200, 64))])
+def test_triton_complementary_decode_model_shapes(HKV, G, K, seen):
+    """Gemma-3-270M (K = 256, 1 KV head) and Llama-3.2-1B head shapes with the real ring of 64."""
+    check_comp_kernel(comp_inputs(B=2, HKV=HKV, G=G, K=K, V=K, W=64, S=4, seen=seen, pad=(False, False)),
+                      window=64)
+
+
+def test_complementary_rejects_missing_ring():
+    x = comp_inputs()
+    with pytest.raises(ValueError, match="complementary"):
+        naive.liger_decode(*(x[n] for n in NAMES[:8]), None, None, None, x["sink_k"], x["sink_v"], x["sink_pos"],
+                           0.3, W, 0.5, 4.0, None, x["win_kp"], x["win_gs"])

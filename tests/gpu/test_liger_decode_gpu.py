@@ -97,3 +97,39 @@ def test_sink_query_matches_naive(dtype):
     for n in MUTATED:
         if n != "state":
             assert torch.equal(y[n], y_ref[n]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("HQ,HKV,D", [(32, 8, 64), (4, 1, 256)])
+def test_complementary_decode_steps_match_float64(HQ, HKV, D, dtype):
+    """``variant="complementary"`` (the op's ``win_kp`` / ``win_gs`` mode): state of D + 1 columns, 4 sinks, the ring
+    of 64; 20 steps in a row against the float64 naive twin, rows at different points of the ring (tokens leave it
+    for the state once it is full), the last row padded every fourth step."""
+    B, W, S, scale = 4, 64, 4, D ** -0.5
+    seen = torch.tensor([0, 3, 62, 100], device=DEV)
+    bufs = buffers(B, HKV, D, D, W, S, seen, dtype, recurrent=True)
+    bufs["state"] = torch.rand(B, HKV, D, D + 1, device=DEV) * 2
+    bufs["win_kp"] = (torch.randn(B, HKV, W, D, device=DEV) * 2).to(dtype)
+    bufs["win_gs"] = (torch.randn(B, HKV, W, D, device=DEV) + 1).to(dtype)
+    names = BUFFERS + ("win_kp", "win_gs")
+    ref = {n: None if t is None else (t.double() if t.is_floating_point() else t.clone()) for n, t in bufs.items()}
+    for step in range(20):
+        x = dict(q_pre=torch.randn(B, HQ, 1, D, device=DEV) * 2, k_pre=torch.randn(B, HKV, 1, D, device=DEV) * 2,
+                 v=torch.randn(B, HKV, 1, D, device=DEV), gate_src=torch.randn(B, HKV, 1, D, device=DEV) + 1,
+                 q_rope=torch.randn(B, HQ, 1, D, device=DEV), k_rope=torch.randn(B, HKV, 1, D, device=DEV))
+        x = {n: t.to(dtype) for n, t in x.items()}
+        pad = torch.zeros(B, dtype=torch.bool, device=DEV)
+        pad[-1] = step % 4 == 1
+        pos = seen.masked_fill(pad, -1)[:, None]
+        o = torch.ops.ligerfx.liger_decode_(*(x[n] for n in NAMES[:6]), pos, *(bufs[n] for n in BUFFERS), scale, W,
+                                            0.5, 16.0, None, bufs["win_kp"], bufs["win_gs"])
+        o_ref = naive.liger_decode(*(x[n].double() for n in NAMES[:6]), pos, *(ref[n] for n in BUFFERS), scale, W,
+                                   0.5, 16.0, None, ref["win_kp"], ref["win_gs"])
+        assert o.dtype == dtype and o.shape == (B, HQ, 1, D)
+        assert not torch.isnan(o).any()
+        assert rel(o, o_ref) <= TOL[dtype], step
+        assert rel(bufs["state"], ref["state"]) <= 1e-4, step
+        for n in names[1:]:
+            if bufs[n] is not None:
+                assert torch.equal(bufs[n].to(ref[n].dtype), ref[n]), (n, step)
+        seen = seen + (~pad).long()

@@ -84,11 +84,11 @@ def _store_token(b_x, win, sink, i_bh, b_pos, b_pos_x, o_x, m_x, W: tl.constexpr
 
 @triton.jit
 def liger_decode_kernel(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k,
-                        sink_v, sink_pos, o, q_sink, s_qp_b, s_qp_h, s_kp_b, s_kp_h, s_v_b, s_v_h, s_g_b, s_g_h,
-                        s_qr_b, s_qr_h, s_kr_b, s_kr_h, s_qs_b, s_qs_h, scale, window, mix, inv_norm, HKV,
-                        G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
+                        sink_v, sink_pos, o, q_sink, win_kp, win_gs, s_qp_b, s_qp_h, s_kp_b, s_kp_h, s_v_b, s_v_h,
+                        s_g_b, s_g_h, s_qr_b, s_qr_h, s_kr_b, s_kr_h, s_qs_b, s_qs_h, scale, window, mix, inv_norm,
+                        HKV, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
                         BG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BW: tl.constexpr, BS: tl.constexpr,
-                        RECURRENT: tl.constexpr, WINDOWED: tl.constexpr, SINKQ: tl.constexpr):
+                        RECURRENT: tl.constexpr, WINDOWED: tl.constexpr, SINKQ: tl.constexpr, COMP: tl.constexpr):
     i_bh = tl.cast(tl.program_id(0), tl.int64)
     i_b, i_h = i_bh // HKV, i_bh % HKV
     o_g, o_k = tl.arange(0, BG), tl.arange(0, BK)
@@ -117,6 +117,33 @@ def liger_decode_kernel(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, w
         # logsigmoid(x) = min(x, 0) - log(1 + exp(-|x|))
         b_ls = (tl.minimum(b_x, 0.) - tl.log(1. + tl.exp(-tl.abs(b_x)))) * inv_norm
         b_a = tl.exp(tl.where(m_val_k, b_ls, 0.))  # [BK] decay
+        if COMP:
+            # complementary: the state holds the tokens that left the ring (VS = V + 1 columns, the last the
+            # normaliser). Read: the state decayed by the gates of every ring token and the new one. Push: the
+            # ring's oldest token (slot pos % W) leaves it for the state, unless the slot is empty or the row is
+            # padding; a sink token (position < S) only decays it.
+            o_w = tl.arange(0, BW)
+            b_wp = tl.load(win_pos + i_b * W + o_w, mask=o_w < W, other=-1)  # [BW]
+            b_x = tl.load(win_gs + (i_bh * W + o_w[:, None]) * K + o_k[None, :],
+                          mask=(o_w < W)[:, None] & m_k[None, :], other=0.).to(tl.float32)  # [BW, BK]
+            b_lr = (tl.minimum(b_x, 0.) - tl.log(1. + tl.exp(-tl.abs(b_x)))) * inv_norm
+            b_dec = tl.exp(tl.sum(tl.where((b_wp >= 0)[:, None], b_lr, 0.), 0) + tl.where(m_val_k, b_ls, 0.))
+            i_slot = tl.maximum(b_pos, 0) % W
+            b_op = tl.load(win_pos + i_b * W + i_slot)
+            b_push = (b_pos >= 0) & (b_op >= 0)
+            b_x = tl.load(win_gs + (i_bh * W + i_slot) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+            b_ls = (tl.minimum(b_x, 0.) - tl.log(1. + tl.exp(-tl.abs(b_x)))) * inv_norm
+            b_a = tl.exp(tl.where(m_k & b_push, b_ls, 0.))  # [BK] decay of the push
+            b_x = tl.load(win_kp + (i_bh * W + i_slot) * K + o_k, mask=m_k, other=0.)
+            b_x = tl.where(m_k, b_x.to(tl.float32), float("-inf"))
+            b_e = tl.exp(b_x - tl.max(b_x, 0))
+            b_phk = tl.where(m_k & b_push & (b_op >= S), b_e / tl.sum(b_e, 0), 0.)  # [BK] phi of the leaving key
+            b_phq = tl.where(m_val_g[:, None], b_phq, 0.)  # a padded row reads nothing (its output is 0)
+            # the normaliser column: read (the denominator, per query head), then push a 1
+            p_n = state + (i_bh * K + o_k) * (V + 1) + V
+            b_sn = tl.load(p_n, mask=m_k, other=0.)
+            b_den = tl.sum(b_phq * (b_sn * b_dec)[None, :], 1)  # [BG]
+            tl.store(p_n, b_sn * b_a + b_phk, mask=m_k)
 
     if WINDOWED:
         b_q = tl.load(q_rope + i_b * s_qr_b + i_hq[:, None] * s_qr_h + o_k[None, :], mask=m_gk, other=0.)
@@ -164,7 +191,17 @@ def liger_decode_kernel(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, w
         m_v = o_v < V
         b_v = tl.load(v + i_b * s_v_b + i_h * s_v_h + o_v, mask=m_v, other=0.)  # [BV]
         b_o = tl.zeros([BG, BV], dtype=tl.float32)
-        if RECURRENT:
+        if COMP:
+            p_s = state + (i_bh * K + o_k[:, None]) * (V + 1) + o_v[None, :]
+            m_kv = m_k[:, None] & m_v[None, :]
+            b_s = tl.load(p_s, mask=m_kv, other=0.)  # [BK, BV]
+            b_r = b_s * b_dec[:, None]
+            for i_g in tl.static_range(G):  # the numerator: phi_q . decayed state
+                b_og = tl.sum(_select_row(b_phq, o_g, i_g)[:, None] * b_r, 0)
+                b_o = tl.where((o_g == i_g)[:, None], b_og[None, :], b_o)
+            b_vo = tl.load(win_v + (i_bh * W + i_slot) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+            tl.store(p_s, b_s * b_a[:, None] + b_phk[:, None] * b_vo[None, :], mask=m_kv)
+        elif RECURRENT:
             p_s = state + i_bh * K * V + o_k[:, None] * V + o_v[None, :]
             m_kv = m_k[:, None] & m_v[None, :]
             b_s = tl.load(p_s, mask=m_kv, other=0.)
@@ -184,7 +221,10 @@ def liger_decode_kernel(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, w
                 b_w += _window_values(b_pw, win_v + i_bh * W * V, o_v, m_v, o_g, W, BW, G, BG, BV, V)
             if S > 0:
                 b_w += _window_values(b_ps, sink_v + i_bh * S * V, o_v, m_v, o_g, S, BS, G, BG, BV, V)
-            b_o += (1. - mix) * b_w
+            if COMP:  # one normaliser: the window's mass is 1, the state's is its last column
+                b_o = (b_w + b_o) / (1. + b_den)[:, None]
+            else:
+                b_o += (1. - mix) * b_w
         tl.store(o + ((i_bh * G + o_g) * V)[:, None] + o_v[None, :], b_o.to(o.dtype.element_ty),
                  mask=m_g[:, None] & m_v[None, :])
 
@@ -192,6 +232,11 @@ def liger_decode_kernel(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, w
     tl.debug_barrier()
     b_kr = tl.load(k_rope + i_b * s_kr_b + i_h * s_kr_h + o_k, mask=m_k, other=0.)
     _store_token(b_kr, win_k, sink_k, i_bh, b_pos, b_pos_k, o_k, m_k & m_val_k, W, S, K)
+    if COMP:  # the ring's pre-RoPE key and gate input, for the push when the token leaves the ring
+        b_x = tl.load(k_pre + i_b * s_kp_b + i_h * s_kp_h + o_k, mask=m_k, other=0.)
+        _store_token(b_x, win_kp, win_kp, i_bh, b_pos, b_pos_k, o_k, m_k & m_val_k, W, 0, K)
+        b_x = tl.load(gate_src + i_b * s_g_b + i_h * s_g_h + o_k, mask=m_k, other=0.)
+        _store_token(b_x, win_gs, win_gs, i_bh, b_pos, b_pos_k, o_k, m_k & m_val_k, W, 0, K)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -218,7 +263,8 @@ def _strides(x: torch.Tensor):
 
 
 def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k, sink_v,
-                 sink_pos, scale: float, window: int, mix: float, gate_normalizer: float, q_sink=None):
+                 sink_pos, scale: float, window: int, mix: float, gate_normalizer: float, q_sink=None, win_kp=None,
+                 win_gs=None):
     """One decode step, in place on the buffers (``naive.liger_decode``'s contract). The buffers must be
     contiguous (they are written in place); the inputs may be strided views with a unit stride over the head dim."""
     B, HQ, T, K = q_pre.shape
@@ -228,12 +274,16 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
     if HQ % HKV:
         raise ValueError(f"query heads ({HQ}) must be a multiple of KV heads ({HKV})")
     for name, t in (("state", state), ("win_k", win_k), ("win_v", win_v), ("win_pos", win_pos), ("sink_k", sink_k),
-                    ("sink_v", sink_v), ("sink_pos", sink_pos)):
+                    ("sink_v", sink_v), ("sink_pos", sink_pos), ("win_kp", win_kp), ("win_gs", win_gs)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"liger_decode: {name} must be contiguous (it is updated in place)")
     G = HQ // HKV
     W = 0 if win_k is None else win_k.shape[2]
     S = 0 if sink_k is None else sink_k.shape[2]
+    comp = win_kp is not None
+    if comp and (state is None or W == 0 or win_gs is None or state.shape[-1] != V + 1):
+        raise ValueError("liger_decode: the complementary step needs win_kp, win_gs, a ring and a state of V + 1 "
+                         f"columns (got W={W}, state {None if state is None else tuple(state.shape)}, V={V})")
     (q_pre, s_qp_b, s_qp_h), (k_pre, s_kp_b, s_kp_h), (v, s_v_b, s_v_h), (gate_src, s_g_b, s_g_h), \
         (q_rope, s_qr_b, s_qr_h), (k_rope, s_kr_b, s_kr_h) = map(_strides, (q_pre, k_pre, v, gate_src, q_rope, k_rope))
     q_sink, s_qs_b, s_qs_h = _strides(q_sink) if q_sink is not None else (q_rope, s_qr_b, s_qr_h)
@@ -250,12 +300,14 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
         q_pre=q_pre, k_pre=k_pre, v=v, gate_src=gate_src, q_rope=q_rope, k_rope=k_rope, pos=pos,
         state=none if state is None else state, win_k=none if W == 0 else win_k, win_v=none if W == 0 else win_v,
         win_pos=pos if W == 0 else win_pos, sink_k=none if S == 0 else sink_k, sink_v=none if S == 0 else sink_v,
-        sink_pos=pos if S == 0 else sink_pos, o=o, q_sink=q_sink, s_qp_b=s_qp_b, s_qp_h=s_qp_h, s_kp_b=s_kp_b,
+        sink_pos=pos if S == 0 else sink_pos, o=o, q_sink=q_sink, win_kp=win_kp if comp else none,
+        win_gs=win_gs if comp else none, s_qp_b=s_qp_b, s_qp_h=s_qp_h, s_kp_b=s_kp_b,
         s_kp_h=s_kp_h, s_v_b=s_v_b, s_v_h=s_v_h, s_g_b=s_g_b, s_g_h=s_g_h, s_qr_b=s_qr_b, s_qr_h=s_qr_h,
         s_kr_b=s_kr_b, s_kr_h=s_kr_h, s_qs_b=s_qs_b, s_qs_h=s_qs_h, scale=float(scale), window=int(window),
         mix=float(mix), inv_norm=1.0 / float(gate_normalizer),
         HKV=HKV, G=G, K=K, V=V, W=W, S=S, BG=triton.next_power_of_2(G), BK=BK, BV=BV, BW=BW, BS=BS,
-        RECURRENT=state is not None, WINDOWED=mix < 1, SINKQ=q_sink is not q_rope and S > 0, **launch)
+        RECURRENT=state is not None, WINDOWED=comp or mix < 1, SINKQ=q_sink is not q_rope and S > 0, COMP=comp,
+        **launch)
     if W > 0 or S > 0:
         liger_decode_kernel_pos[(B,)](pos=pos, win_pos=pos if W == 0 else win_pos,
                                       sink_pos=pos if S == 0 else sink_pos, W=W, S=S)

@@ -109,7 +109,8 @@ def liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, h0, lse, do, dhT, 
 
 
 def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k, sink_v,
-                 sink_pos, scale: float, window: int, mix: float, gate_normalizer: float, q_sink=None):
+                 sink_pos, scale: float, window: int, mix: float, gate_normalizer: float, q_sink=None, win_kp=None,
+                 win_gs=None):
     """One decode step (one new token per sequence) of Liger attention onto a ``ligerfx.cache.LigerLayer``'s
     buffers, which it updates in place. The reference of ``decode.py``'s kernel and of ``ligerfx::liger_decode_``.
 
@@ -135,8 +136,20 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
     ``q_sink`` (optional, like ``q_rope``) scores the sink slots instead of ``q_rope`` (the caller passes the query
     RoPE'd at the sink position once the token is past it: ``LigerConfig.sink_position``).
 
-    then, for a valid row only, the new k_rope / v go into ring slot ``pos % W`` and, if ``pos < S``, into sink slot
-    ``pos``, with their positions. The new key and value enter the window rounded to the buffers' dtype (as they
+    ``win_kp``, ``win_gs`` (``[B, HKV, W, K]``, given together): ``variant="complementary"``
+    (``liger.complementary_branch`` for one token): the state ``[B, HKV, K, V + 1]`` holds only the tokens that left
+    the ring (its last column is the normaliser) and ``mix`` is not used::
+
+        a_j          = exp(logsigmoid(win_gs_j) / gate_normalizer)      for every occupied ring slot j
+        read         = phi_q (diag(prod_j a_j * exp g) S)               the state decayed up to the new token
+        o            = (o_swa + read[:V]) / (1 + read[V])               one normaliser: the window's mass is 1
+        S            = diag(a_old) S + phi(k_old)^T [v_old, 1]          then the ring's oldest token (slot pos % W,
+                                                                        if occupied) leaves it for the state; a
+                                                                        sink token (position < S) only decays it
+
+    and a padded row keeps its state (and outputs 0). Then, for a valid row only, the new k_rope / v (and k_pre / gate_src into
+    win_kp / win_gs) go into ring slot ``pos % W`` and, if ``pos < S``, into sink slot ``pos``, with their
+    positions. The new key and value enter the window rounded to the buffers' dtype (as they
     will be read back at the next steps). Math in fp32 (float64 for float64 inputs); the counters (``seen``,
     ``length``) are the caller's.
     """
@@ -149,7 +162,28 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
     v_new = v[:, :, 0].to(f)  # [B, HKV, V]
     o = torch.zeros(B, HKV, G, V, dtype=f, device=v.device)
 
-    if state is not None:
+    n_sinks = 0 if sink_k is None else sink_k.shape[2]
+    rows = torch.arange(B, device=v.device)
+    comp = win_kp is not None
+    if comp and (state is None or win_k is None or win_gs is None):
+        raise ValueError("liger_decode: the complementary step needs the state, the ring, win_kp and win_gs")
+    if comp:
+        lg = lambda x: F.logsigmoid(x.to(f)) / gate_normalizer  # noqa: E731
+        S0 = state.to(f)
+        g_read = ((lg(win_gs) * (win_pos >= 0)[:, None, :, None]).sum(2)
+                  + lg(gate_src[:, :, 0]) * valid[:, None, None])  # [B, HKV, K]
+        phi_q = torch.softmax(q_pre[:, :, 0].to(f), -1).view(B, HKV, G, K) * valid[:, None, None, None]
+        read = torch.einsum("bhgk,bhkv->bhgv", phi_q, S0 * g_read.exp()[..., None])  # [B, HKV, G, V + 1]
+        slot = pos.clamp_min(0) % win_k.shape[2]
+        old = win_pos[rows, slot]
+        push = valid & (old >= 0)
+        write = (push & (old >= n_sinks)).to(f)[:, None, None]
+        a_old = (lg(win_gs[rows, :, slot]) * push[:, None, None]).exp()  # [B, HKV, K]
+        phi_old = torch.softmax(win_kp[rows, :, slot].to(f), -1) * write
+        v_old = win_v[rows, :, slot].to(f)
+        v1 = torch.cat([v_old, torch.ones_like(v_old[..., :1])], -1)
+        state.copy_(S0 * a_old[..., None] + phi_old[..., None] * v1[:, :, None, :])
+    elif state is not None:
         phi_q = torch.softmax(q_pre[:, :, 0].to(f), -1).view(B, HKV, G, K)
         phi_k = torch.softmax(k_pre[:, :, 0].to(f), -1)
         g = F.logsigmoid(gate_src[:, :, 0].to(f)) / gate_normalizer
@@ -158,11 +192,10 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
         o += mix * torch.einsum("bhgk,bhkv->bhgv", phi_q, S)
         state.copy_(S)
 
-    n_sinks = 0 if sink_k is None else sink_k.shape[2]
     buf = sink_k if sink_k is not None else win_k
     k_new = k_rope[:, :, 0] if buf is None else k_rope[:, :, 0].to(buf.dtype)  # [B, HKV, K]
     v_kept = v[:, :, 0] if buf is None else v[:, :, 0].to(buf.dtype)
-    if mix < 1:
+    if comp or mix < 1:
         keys, values, k_pos = [], [], []
         if sink_k is not None:
             keys.append(sink_k), values.append(sink_v), k_pos.append(sink_pos)
@@ -180,14 +213,18 @@ def liger_decode(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, w
             scores = torch.cat([torch.einsum("bhgk,bhnk->bhgn", qs, k_all[:, :, :n_sinks]) * scale,
                                 scores[..., n_sinks:]], -1)
         p = torch.softmax(scores.masked_fill(~seen[:, None, None], float("-inf")), -1).nan_to_num(0.0)
-        o += (1.0 - mix) * (p @ v_all)
+        o += (1.0 if comp else 1.0 - mix) * (p @ v_all)
+    if comp:
+        o = (o + read[..., :V]) / (1.0 + read[..., V:])
 
-    rows = torch.arange(B, device=v.device)
     with torch.no_grad():
         if win_k is not None:
             slot = pos.clamp_min(0) % win_k.shape[2]
-            win_k[rows, :, slot] = torch.where(valid[:, None, None], k_new, win_k[rows, :, slot])
-            win_v[rows, :, slot] = torch.where(valid[:, None, None], v_kept, win_v[rows, :, slot])
+            ring = [(win_k, k_new), (win_v, v_kept)]
+            if comp:
+                ring += [(win_kp, k_pre[:, :, 0].to(win_kp.dtype)), (win_gs, gate_src[:, :, 0].to(win_gs.dtype))]
+            for buf_, new_ in ring:
+                buf_[rows, :, slot] = torch.where(valid[:, None, None], new_, buf_[rows, :, slot])
             win_pos[rows, slot] = torch.where(valid, pos, win_pos[rows, slot])
         if sink_k is not None:
             slot, into = pos.clamp(0, n_sinks - 1), valid & (pos < n_sinks)
