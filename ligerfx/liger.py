@@ -297,7 +297,7 @@ def decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, cfg:
     if q_sink is not None and sink_position is not None and cfg.n_sinks > 0:  # past P: sinks scored from P
         qs = torch.where((pos > int(sink_position))[:, None, :, None], q_sink, q_rope)
     o = ops.liger_decode_(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, cache.state, cache.win_k, cache.win_v,
-                          cache.win_pos, cache.sink_k, cache.sink_v, cache.sink_pos, float(scale), int(cfg.window),
-                          float(cfg.recurrent_weight), float(cfg.gate_normalizer), qs, cache.win_kp, cache.win_gs)
+                          cache.win_pos, cache.sink_k, cache.sink_v, cache.sink_pos, cache.win_kp, cache.win_gs,
+                          float(scale), int(cfg.window), float(cfg.recurrent_weight), float(cfg.gate_normalizer), qs)
     cache.count((pos >= 0).sum(1), 1)
     return o

@@ -16,8 +16,8 @@ The default implementation is the plain-PyTorch reference in ``ligerfx/kernels/*
     ligerfx::liger_bwd(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos?, h0?, lse, do, dhT?, scale, window, mix,
                        gate_normalizer) -> (dq_pre, dk_pre, dv, dgate_src, dq_rope, dk_rope, dh0)
     ligerfx::liger_decode_(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state?, win_k?, win_v?, win_pos?,
-                           sink_k?, sink_v?, sink_pos?, scale, window, mix, gate_normalizer, q_sink?, win_kp?,
-                           win_gs?) -> o
+                           sink_k?, sink_v?, sink_pos?, win_kp?, win_gs?, scale, window, mix, gate_normalizer,
+                           q_sink?) -> o
         (one decode step; updates state, ring and sink buffers in place; no autograd)
 
 Shapes and semantics are documented in ``kernels/gla/naive.py``, ``kernels/swa/naive.py`` and
@@ -232,12 +232,15 @@ liger_fwd.register_autograd(_liger_backward, setup_context=_liger_setup)
 def liger_decode_(
     q_pre: Tensor, k_pre: Tensor, v: Tensor, gate_src: Tensor, q_rope: Tensor, k_rope: Tensor, pos: Tensor,
     state: Optional[Tensor], win_k: Optional[Tensor], win_v: Optional[Tensor], win_pos: Optional[Tensor],
-    sink_k: Optional[Tensor], sink_v: Optional[Tensor], sink_pos: Optional[Tensor], scale: float, window: int,
-    mix: float, gate_normalizer: float, q_sink: Optional[Tensor] = None, win_kp: Optional[Tensor] = None,
-    win_gs: Optional[Tensor] = None,
+    sink_k: Optional[Tensor], sink_v: Optional[Tensor], sink_pos: Optional[Tensor], win_kp: Optional[Tensor],
+    win_gs: Optional[Tensor], scale: float, window: int, mix: float, gate_normalizer: float,
+    q_sink: Optional[Tensor] = None,
 ) -> Tensor:
     """One decode step onto a cache's buffers, in place (``kernels/liger/naive.py::liger_decode``; ``win_kp`` and
-    ``win_gs`` given: the complementary variant's step). Inference only: no autograd formula."""
+    ``win_gs`` given: the complementary variant's step). Inference only: no autograd formula.
+
+    Every buffer it writes comes before the scalars, without a default: torch 2.11 drops trailing arguments equal to
+    their default before ``ADInplaceOrView`` indexes the mutated ones (an ``IndexError`` there)."""
     o = _impl("liger_decode_", v)(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos,
                                    sink_k, sink_v, sink_pos, scale, window, mix, gate_normalizer, q_sink, win_kp,
                                    win_gs)
@@ -245,8 +248,8 @@ def liger_decode_(
 
 
 @liger_decode_.register_fake
-def _(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k, sink_v, sink_pos, scale,
-      window, mix, gate_normalizer, q_sink=None, win_kp=None, win_gs=None):
+def _(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, win_k, win_v, win_pos, sink_k, sink_v, sink_pos, win_kp,
+      win_gs, scale, window, mix, gate_normalizer, q_sink=None):
     B, HQ = q_pre.shape[:2]
     return v.new_empty(B, HQ, 1, v.shape[-1])
 

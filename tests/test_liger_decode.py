@@ -176,12 +176,14 @@ def test_naive_decode_padding_row_changes_nothing():
 
 def test_opcheck():
     x = op_inputs()
-    torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default, (*(x[n] for n in NAMES), 0.3, W, 0.5, 16.0))
+    torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default,
+                          (*(x[n] for n in NAMES), None, None, 0.3, W, 0.5, 16.0))
     x = op_inputs(recurrent=False, S=0)
-    torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default, (*(x[n] for n in NAMES), 0.3, W, 0.0, 16.0))
+    torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default,
+                          (*(x[n] for n in NAMES), None, None, 0.3, W, 0.0, 16.0))
     x, q_sink = _sink_query_inputs()
     torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default,
-                          (*(x[n] for n in NAMES), 0.3, 4, 0.5, 16.0, q_sink))
+                          (*(x[n] for n in NAMES), None, None, 0.3, 4, 0.5, 16.0, q_sink))
 
 
 # ------------------------------------------------------------------------------------------- Triton interpreter
@@ -406,7 +408,7 @@ def test_naive_complementary_step_equals_float64_by_hand():
 def test_opcheck_complementary():
     x = comp_inputs()
     torch.library.opcheck(torch.ops.ligerfx.liger_decode_.default,
-                          (*(x[n] for n in NAMES), 0.3, W, 0.5, 4.0, None, x["win_kp"], x["win_gs"]))
+                          (*(x[n] for n in NAMES), x["win_kp"], x["win_gs"], 0.3, W, 0.5, 4.0))
 
 
 def check_comp_kernel(x, window=W):

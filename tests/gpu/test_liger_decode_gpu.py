@@ -60,8 +60,8 @@ def test_decode_steps_match_float64(HQ, HKV, D, variant, dtype):
         pad = torch.zeros(B, dtype=torch.bool, device=DEV)
         pad[-1] = step % 4 == 1
         pos = seen.masked_fill(pad, -1)[:, None]
-        o = torch.ops.ligerfx.liger_decode_(*(x[n] for n in NAMES[:6]), pos, *(bufs[n] for n in BUFFERS), scale, W,
-                                            mix, 16.0)
+        o = torch.ops.ligerfx.liger_decode_(*(x[n] for n in NAMES[:6]), pos, *(bufs[n] for n in BUFFERS), None, None,
+                                            scale, W, mix, 16.0)
         o_ref = naive.liger_decode(*(x[n].double() for n in NAMES[:6]), pos, *(ref[n] for n in BUFFERS), scale, W,
                                    mix, 16.0)
         assert o.dtype == dtype and o.shape == (B, HQ, 1, D)
@@ -121,8 +121,8 @@ def test_complementary_decode_steps_match_float64(HQ, HKV, D, dtype):
         pad = torch.zeros(B, dtype=torch.bool, device=DEV)
         pad[-1] = step % 4 == 1
         pos = seen.masked_fill(pad, -1)[:, None]
-        o = torch.ops.ligerfx.liger_decode_(*(x[n] for n in NAMES[:6]), pos, *(bufs[n] for n in BUFFERS), scale, W,
-                                            0.5, 16.0, None, bufs["win_kp"], bufs["win_gs"])
+        o = torch.ops.ligerfx.liger_decode_(*(x[n] for n in NAMES[:6]), pos, *(bufs[n] for n in BUFFERS),
+                                            bufs["win_kp"], bufs["win_gs"], scale, W, 0.5, 16.0)
         o_ref = naive.liger_decode(*(x[n].double() for n in NAMES[:6]), pos, *(ref[n] for n in BUFFERS), scale, W,
                                    0.5, 16.0, None, ref["win_kp"], ref["win_gs"])
         assert o.dtype == dtype and o.shape == (B, HQ, 1, D)
