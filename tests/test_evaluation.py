@@ -556,3 +556,87 @@ def test_layer_drift_rejects_a_variant_without_flags():
         ld.parse_variant("no-equals-sign", [])
     with pytest.raises(SystemExit, match="give --variant and/or --adapter"):
         ld.parse_variant("teacher=--limit 3", ["--model", "x"])
+
+
+# ------------------------------------------------------------------------------------- per-item scores, paired test
+def _paired_module():
+    import importlib.util
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("paired", root / "benchmarks" / "paired.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mcnemar_exact_by_hand():
+    pr = _paired_module()
+    assert pr.mcnemar_exact(0, 0) == 1.0
+    assert pr.mcnemar_exact(3, 3) == 1.0
+    assert pr.mcnemar_exact(0, 6) == pytest.approx(2 * 0.5 ** 6)  # all 6 discordant items one way
+    assert pr.mcnemar_exact(6, 0) == pr.mcnemar_exact(0, 6)
+    # 2 vs 10 of 12: 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12
+    assert pr.mcnemar_exact(2, 10) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    # the lead needed: 6 of 6 (p = 0.031) passes, 5 of 5 (p = 0.0625) does not
+    assert pr.items_needed(6) == 6 and pr.items_needed(5) == 6
+    lead = pr.items_needed(100)
+    assert pr.mcnemar_exact((100 - lead) // 2, 100 - (100 - lead) // 2) < 0.05
+    assert pr.mcnemar_exact((100 - lead + 2) // 2, 100 - (100 - lead + 2) // 2) >= 0.05
+
+
+def _fake_run(root: Path, task: str, scores) -> Path:
+    (root / "samples").mkdir(parents=True)
+    metric = {"arc_challenge": "acc_norm"}.get(task, "acc")
+    with open(root / "samples" / f"{task}.jsonl", "w") as f:
+        for i, s in enumerate(scores):
+            f.write(json.dumps({"doc_id": i, metric: float(s), "acc": 0.0}) + "\n")
+    return root
+
+
+def test_paired_counts_interval_and_verdicts(tmp_path, capsys):
+    """Synthetic runs: the discordant counts, the difference, an interval around it, and the verdicts; the CLI
+    writes the JSON and the figure; different item sets are an error."""
+    import random
+    pr = _paired_module()
+    rng = random.Random(0)
+    a = [rng.random() < 0.3 for _ in range(1000)]
+    b = list(a)
+    flips = rng.sample(range(1000), 80)
+    for i in flips[:60]:
+        b[i] = True if not a[i] else b[i]  # B wins up to 60 items A lost
+    won = sum(1 for i in flips[:60] if not a[i])
+    ra, rb = _fake_run(tmp_path / "a", "arc_challenge", a), _fake_run(tmp_path / "b", "arc_challenge", b)
+    r = pr.compare_task(pr.load_items(ra, "arc_challenge"), pr.load_items(rb, "arc_challenge"), "arc_challenge",
+                        iters=2000)
+    assert (r["a_only"], r["b_only"], r["n"]) == (0, won, 1000)
+    assert r["diff"] == pytest.approx(100 * won / 1000)
+    assert r["ci"][0] < r["diff"] < r["ci"][1] and r["ci"][0] > 0
+    assert r["verdict"] == "B above" and r["p"] < 1e-6
+    same = pr.compare_task(pr.load_items(ra, "arc_challenge"), pr.load_items(ra, "arc_challenge"), "arc_challenge",
+                           iters=500)
+    assert same["diff"] == 0 and same["p"] == 1.0 and same["verdict"] == "no detectable difference"
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
+    assert pr.main([str(rb), str(ra), "--out", str(out), "--plot", str(png), "--iters", "500"]) == 0
+    j = json.loads(out.read_text())
+    assert j["tasks"][0]["verdict"] == "B below" and png.stat().st_size > 5000
+    assert "| arc_challenge | acc_norm | 1000 |" in capsys.readouterr().out
+    short = _fake_run(tmp_path / "c", "arc_challenge", a[:900])
+    with pytest.raises(SystemExit, match="arc_challenge.*1000 vs 900"):
+        pr.compare_task(pr.load_items(ra, "arc_challenge"), pr.load_items(short, "arc_challenge"), "arc_challenge")
+
+
+def test_cli_log_samples_match_the_reported_scores(env, saved_model, tmp_path):
+    """`ligerfx eval --log-samples`: one line per scored document, and their mean is the score lm-eval reports
+    (acc and acc_norm); the paired test of the run against itself finds nothing."""
+    out = tmp_path / "s"
+    args = _cli(["--model", str(saved_model), "--data-dir", str(env["data"]), "--tasks", "piqa,arc_challenge",
+                 "--limit", "4", "--batch-size", "2", "--checks", "lm_eval", "--log-samples", "--out", str(out)])
+    assert eval_cli.run(args) == 0
+    report = json.loads((out / "eval.json").read_text())
+    for task, metrics in (("piqa", ("acc", "acc_norm")), ("arc_challenge", ("acc", "acc_norm"))):
+        rows = [json.loads(x) for x in (out / report["samples"][task]).read_text().splitlines()]
+        assert [r["doc_id"] for r in rows] == list(range(report["tasks"][task]["n"]))
+        for m in metrics:
+            assert 100 * sum(r[m] for r in rows) / len(rows) == pytest.approx(report["tasks"][task][m]), (task, m)
+    pr = _paired_module()
+    r = pr.compare_task(pr.load_items(out, "piqa"), pr.load_items(out, "piqa"), "piqa", iters=100)
+    assert r["p"] == 1.0 and r["a_only"] == r["b_only"] == 0

@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "one window's float32 logits take ~2 GB), run as its own lm-eval call (default 1)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write each item's scores to <out>/samples/<task>.jsonl (for benchmarks/paired.py)")
     p.add_argument("--per-task", action="store_true",
                    help="run lm-eval one task at a time, writing the report after each (partial results survive)")
     p.add_argument("--softmax-dtype", default=None, help="lm-eval's softmax dtype (e.g. float32 with --dtype bf16)")
@@ -218,8 +220,11 @@ def run(args) -> int:
             t1 = time.time()
             lm.batch_size_per_gpu = args.rolling_batch_size if group[0] in rolling else args.batch_size
             out = harness.run_lm_eval(model, tok, group, data_dir=data_dir, limit=limit, batch_size=args.batch_size,
-                                      max_length=args.max_length, lm=lm, subsample=args.subsample, seed=args.seed)
+                                      max_length=args.max_length, lm=lm, subsample=args.subsample, seed=args.seed,
+                                      log_samples=args.log_samples)
             report["tasks"].update(harness.summarize(out))
+            if args.log_samples:
+                report.setdefault("samples", {}).update(harness.write_samples(out, out_dir))
             report["lm_eval_seconds"][",".join(group)] = time.time() - t1
             report["lm_eval_task_dir"] = out.get("ligerfx_task_dir")
             report.setdefault("lm_eval_versions", {}).update(out.get("versions") or {})

@@ -392,6 +392,30 @@ def markdown_table(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_samples(lm_out: Dict[str, Any], out_dir: os.PathLike) -> Dict[str, str]:
+    """Per-item scores of an lm-eval run (``log_samples=True``) to ``<out_dir>/samples/<task>.jsonl``: one line per
+    document, ``{"doc_id": i, <metric>: value, ...}`` for the metrics lm-eval scored per item as a number (acc,
+    acc_norm; a perplexity's (loglik, count) pair is kept as a list), for paired comparisons of two models
+    (``benchmarks/paired.py``). Returns ``{task: path relative to out_dir}``."""
+    out = Path(out_dir) / "samples"
+    paths = {}
+    for task, rows in (lm_out.get("samples") or {}).items():
+        out.mkdir(parents=True, exist_ok=True)
+        p = out / f"{task}.jsonl"
+        with open(p, "w", encoding="utf-8") as f:
+            for r in sorted(rows, key=lambda r: r["doc_id"]):
+                item = {"doc_id": int(r["doc_id"])}
+                for m in r.get("metrics", []):
+                    v = r.get(m)
+                    if isinstance(v, bool) or isinstance(v, (int, float)):
+                        item[m] = float(v)
+                    elif isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v):
+                        item[m] = [float(x) for x in v]
+                f.write(json.dumps(item) + "\n")
+        paths[task] = str(p.relative_to(out_dir))
+    return paths
+
+
 def write_report(report: Dict[str, Any], out_dir: os.PathLike, stem: str = "eval") -> Dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
