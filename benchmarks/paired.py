@@ -116,12 +116,14 @@ def plot(rows, label_a: str, label_b: str, path: Path) -> None:
         color = {"B above": "tab:green", "B below": "tab:red"}.get(r["verdict"], "tab:gray")
         ax.plot(r["ci"], [i, i], color=color, lw=2)
         ax.plot([r["diff"]], [i], "o", color=color)
-        ax.text(max(r["ci"][1], 0) + 0.1, i, f"p={r['p']:.2f}  ({r['b_only']} vs {r['a_only']} items)",
+        pv = "p<0.001" if r["p"] < 0.001 else f"p={r['p']:.3f}"
+        ax.text(max(r["ci"][1], 0) + 0.1, i, f"{pv}  ({r['b_only']} vs {r['a_only']} items)",
                 va="center", fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [r["task"] for r in reversed(rows)])
     ax.set_xlabel(f"{label_b} - {label_a} (points), 95% paired-bootstrap interval")
-    ax.set_title(f"{label_b} vs {label_a}, item by item (green/red: McNemar p < 0.05)", fontsize=10)
+    ax.set_title(f"{label_b} vs {label_a}, item by item\n(green/red: exact McNemar p < 0.05; grey: no detectable "
+                 "difference)", fontsize=9)
     lo = min(r["ci"][0] for r in rows)
     hi = max(r["ci"][1] for r in rows)
     ax.set_xlim(min(lo, 0) - 0.5, max(hi, 0) + 3.5)

@@ -253,9 +253,10 @@ def test_triton_decode_steps_equal_naive_steps(cfg, monkeypatch):
 SYNC_OPS = ("aten::is_nonzero", "aten::item", "aten::_local_scalar_dense", "aten::nonzero")
 
 
-@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("gemma3", "sdpa")])
+@pytest.mark.parametrize("arch,attn,variant", [("llama", "sdpa", "gla"), ("llama", "eager", "gla"),
+                                               ("gemma3", "sdpa", "gla"), ("llama", "sdpa", "complementary")])
 @pytest.mark.parametrize("fused", [True, False])
-def test_decode_step_has_no_host_sync(arch, attn, fused, monkeypatch):
+def test_decode_step_has_no_host_sync(arch, attn, variant, fused, monkeypatch):
     """A decode step's Liger layers read nothing back to the host (a sync per layer and token would stall the launch
     queue of eager GPU generation), with or without padding; the softmax teacher's own step is the comparison: any
     sync counted for the linearized model comes from HF's shared code, which both run."""
@@ -276,7 +277,7 @@ def test_decode_step_has_no_host_sync(arch, attn, fused, monkeypatch):
 
     teacher = tiny(arch, attn)
     base = {pad: syncs(teacher, pad) for pad in ((0, 0), (0, 3))}
-    model = ligerfx.transform(teacher, config=LigerConfig(window=W))
+    model = ligerfx.transform(teacher, config=LigerConfig(window=W, variant=variant))
     for pad, n in base.items():
         assert syncs(model, pad) <= n, (pad, n)
 
