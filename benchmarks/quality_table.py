@@ -7,7 +7,9 @@ Also draws ``--plot`` (default ``docs/results/quality.png``): the variants per t
 ``<folder>/recipes/*.json`` as its difference to the sink baseline per task (the target: above it on every task).
 
 ``<folder>/<variant>.json`` hold the six log-likelihood tasks; ``<folder>/checks/<variant>.json`` (optional) the
-WikiText word perplexity and the decode checks (LAMBADA by ``generate()``, decode vs full-forward logits).
+WikiText word perplexity and the decode checks (LAMBADA by ``generate()``, decode vs full-forward logits);
+``<folder>/paired/<b>_vs_<a>.json`` (optional, ``benchmarks/paired.py``) the item-level paired tests, copied into
+``quality.json["paired"]``.
 """
 import argparse
 import json
@@ -69,6 +71,14 @@ def main(argv=None):
     for v in SHIPPED:
         if v in runs:
             out[f"{v}_over_teacher_pct"] = round(100 * mean[v] / mean["teacher"], 1)
+    paired = {}
+    for f in sorted((Path(args.folder) / "paired").glob("*_vs_*.json")):  # benchmarks/paired.py outputs
+        r = json.loads(f.read_text())
+        paired[f.stem] = {"a": r["a"], "b": r["b"], "tasks": {
+            t["task"]: {k: (round(t[k], 4) if isinstance(t[k], float) else t[k])
+                        for k in ("a", "b", "diff", "a_only", "b_only", "p", "verdict")} for t in r["tasks"]}}
+    if paired:
+        out["paired"] = paired
     Path(args.out).write_text(json.dumps(out, indent=1))
     cols = [v for v in VARIANTS if v in runs]
     print("| task | metric | " + " | ".join(cols) + " |")

@@ -443,6 +443,16 @@ def test_quality_table_collects_the_reports(tmp_path):
         assert out["checks"][variant]["wikitext_word_perplexity"] == pytest.approx(wt["word_perplexity"], abs=0.005)
     old = json.loads((folder / "checks" / "swa_sinks.json").read_text())["tasks"]["wikitext"]["word_perplexity"]
     assert out["checks"]["swa_sinks"]["wikitext_word_perplexity"] != pytest.approx(old, abs=0.005)
+    # the paired block: recomputed here from the committed per-item files, and each score is the mean of the items
+    paired = out["paired"]["complementary_vs_swa_sinks"]
+    pr = _paired_module()
+    runs = folder / "paired"
+    for task, row in paired["tasks"].items():
+        a, b = pr.load_items(runs / "swa_sinks", task), pr.load_items(runs / "ligerfx_complementary", task)
+        r = pr.compare_task(a, b, task, iters=200)
+        assert (r["a_only"], r["b_only"]) == (row["a_only"], row["b_only"]) and r["p"] == pytest.approx(row["p"], abs=1e-4)
+        assert row["b"] == pytest.approx(100 * sum(b.values()) / len(b), abs=1e-3)
+    assert paired["tasks"]["lambada_openai"]["verdict"] == "B above"
 
 
 def test_recipe_seeds_means_and_counts_match_the_reports(tmp_path):
