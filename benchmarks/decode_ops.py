@@ -2,6 +2,7 @@
 
     python benchmarks/decode_ops.py                        # llama-tiny shapes (2 layers), CPU, fp32
     python benchmarks/decode_ops.py --layers 4 --no-compile --out /tmp/ops.json
+    python benchmarks/decode_ops.py --liger-variant complementary --out benchmarks/results/decode-ops-cpu-complementary.json
 
 At batch 1 a compiled decode step is bound by the number of kernels it launches, not by FLOPs or bytes (docs/
 BENCHMARKS.md: the compiled ligerfx step of a 1B Llama costs ~90 us per layer more than the teacher's at 1K context
@@ -61,15 +62,16 @@ def top_level_ops(fn) -> tuple[int, int, int]:
     return len(top), len(custom), sum(e.name in SYNCS for e in events)
 
 
-def measure(variant: str, layers: int, context: int, compile_: bool) -> dict:
-    """Run in a fresh process per variant (the env switch and Inductor's counters are process-wide)."""
+def measure(variant: str, layers: int, context: int, compile_: bool, liger_variant: str = "gla") -> dict:
+    """Run in a fresh process per variant (the env switch and Inductor's counters are process-wide).
+    ``liger_variant``: the ``LigerConfig.variant`` of the linearized rows."""
     from transformers import DynamicCache
 
     import ligerfx
 
     model = build(layers)
     if variant != "teacher":
-        ligerfx.transform(model, passes=["linearize"])
+        ligerfx.transform(model, passes=["linearize"], config=ligerfx.LigerConfig(variant=liger_variant))
     ids = torch.randint(0, 1024, (1, context))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -82,7 +84,7 @@ def measure(variant: str, layers: int, context: int, compile_: bool) -> dict:
         tok = out.logits[:, -1:].argmax(-1)
 
     step()  # one warm step (lazy buffers)
-    row = dict(variant=variant, layers=layers, context=context)
+    row = dict(variant=variant, layers=layers, context=context, liger_variant=liger_variant)
     row["eager_ops"], row["eager_custom_ops"], row["eager_host_syncs"] = top_level_ops(step)
     if compile_:
         from torch._inductor import metrics
@@ -110,10 +112,12 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "decode-ops-cpu.json"))
+    ap.add_argument("--liger-variant", default="gla", choices=("gla", "swa_sinks", "complementary"),
+                    help="LigerConfig.variant of the linearized rows")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one:  # child process: one variant, one JSON line on stdout
-        print(json.dumps(measure(args._one, args.layers, args.context, not args.no_compile)))
+        print(json.dumps(measure(args._one, args.layers, args.context, not args.no_compile, args.liger_variant)))
         return
     import ligerfx.liger as liger_mod
 
@@ -125,7 +129,8 @@ def main():
             continue
         env = dict(os.environ, LIGERFX_FUSED_DECODE="1" if v == "ligerfx_fused" else "0", TRITON_INTERPRET="0")
         cmd = [sys.executable, __file__, "--_one", v.replace("_fused", ""), "--layers", str(args.layers),
-               "--context", str(args.context)] + (["--no-compile"] if args.no_compile else [])
+               "--context", str(args.context), "--liger-variant", args.liger_variant] + (
+                   ["--no-compile"] if args.no_compile else [])
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"{v}: failed\n{r.stderr[-3000:]}")
