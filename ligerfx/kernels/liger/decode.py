@@ -15,6 +15,14 @@ ring / sink slots last, after a barrier: ring slot ``pos % W`` still holds the o
 every warp of the program reads first. No ``tl.dot`` (``G`` is a handful of rows): products are broadcast and summed
 in fp32, so the kernel is exact in fp32 and runs in the interpreter for every dtype.
 
+``COMP`` (``win_kp`` / ``win_gs`` given: ``variant="complementary"``): the state has ``V + 1`` columns and holds
+only the tokens that left the ring. Before the value loop the program sums the gates of the occupied ring slots
+and the token (``[W, K]`` gate inputs: the one extra read, ``sWK`` bytes), reads the normaliser column (the
+denominator of each query head) and pushes the ring's oldest token (slot ``pos % W``: its pre-RoPE key and gate
+input) into it; in the value loop it reads the numerator from the state tile decayed by those gates, pushes the
+oldest token's value, and divides ``o_swa + numerator`` (the window's softmax output, mass 1) by ``1 +
+denominator``; the token's pre-RoPE key and gate input go into its ring slot after the barrier, with the rest.
+
 ``win_pos`` / ``sink_pos`` are per sequence and read by all ``HKV`` programs of a sequence, so no program may write
 them: ``liger_decode_kernel_pos`` (grid ``B``) writes them in a second launch.
 
@@ -118,7 +126,7 @@ def liger_decode_kernel(q_pre, k_pre, v, gate_src, q_rope, k_rope, pos, state, w
         b_ls = (tl.minimum(b_x, 0.) - tl.log(1. + tl.exp(-tl.abs(b_x)))) * inv_norm
         b_a = tl.exp(tl.where(m_val_k, b_ls, 0.))  # [BK] decay
         if COMP:
-            # complementary: the state holds the tokens that left the ring (VS = V + 1 columns, the last the
+            # complementary: the state holds the tokens that left the ring (V + 1 columns, the last the
             # normaliser). Read: the state decayed by the gates of every ring token and the new one. Push: the
             # ring's oldest token (slot pos % W) leaves it for the state, unless the slot is empty or the row is
             # padding; a sink token (position < S) only decays it.
