@@ -134,6 +134,7 @@ def test_env_knob_is_read_at_import():
 NAMES = ("q_pre", "k_pre", "v", "gate_src", "q_rope", "k_rope", "pos", "state", "win_k", "win_v", "win_pos",
          "sink_k", "sink_v", "sink_pos")
 MUTATED = ("state", "win_k", "win_v", "win_pos", "sink_k", "sink_v", "sink_pos")
+COMP_MUTATED = MUTATED + ("win_kp", "win_gs")  # the complementary ring's extra buffers
 
 
 def op_inputs(B=3, HKV=2, G=2, K=16, V=16, W=W, S=4, seen=(3, 13, 0), pad=(False, False, True), recurrent=True,
@@ -159,9 +160,11 @@ def op_inputs(B=3, HKV=2, G=2, K=16, V=16, W=W, S=4, seen=(3, 13, 0), pad=(False
     return x
 
 
-def call(fn, x, mix=0.5, window=W):
+def call(fn, x, mix=0.5, window=W, norm=16.0):
+    """One step of ``fn`` on copies of ``x``'s buffers; complementary inputs (``comp_inputs``) pass their ring."""
     y = {n: None if t is None else t.clone() for n, t in x.items()}
-    o = fn(*(y[n] for n in NAMES), 0.3, window, mix, 16.0)
+    ring = {n: y[n] for n in ("win_kp", "win_gs") if n in y}
+    o = fn(*(y[n] for n in NAMES), 0.3, window, mix, norm, **ring)
     return o, y
 
 
@@ -190,15 +193,16 @@ def test_opcheck():
 interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 
-def check_kernel(x, mix=0.5, window=W):
+def check_kernel(x, mix=0.5, window=W, norm=16.0):
     from ligerfx.kernels.liger import decode
-    o, y = call(decode.liger_decode, x, mix, window)
-    x32 = {n: t.float() if t is not None and t.is_floating_point() and n not in MUTATED else t for n, t in x.items()}
-    o_ref, y_ref = call(naive.liger_decode, x32, mix, window)
+    mutated = [n for n in COMP_MUTATED if n in x]
+    o, y = call(decode.liger_decode, x, mix, window, norm)
+    x32 = {n: t.float() if t is not None and t.is_floating_point() and n not in mutated else t for n, t in x.items()}
+    o_ref, y_ref = call(naive.liger_decode, x32, mix, window, norm)
     tol = 1e-5 if x["v"].dtype == torch.float32 else 2e-3
     assert o.dtype == x["v"].dtype and o.shape == o_ref.shape
     assert rel(o, o_ref) < tol
-    for n in MUTATED:
+    for n in mutated:
         if y[n] is None:
             continue
         if n == "state":
@@ -345,14 +349,6 @@ def comp_inputs(B=3, HKV=2, G=2, K=16, V=16, W=W, S=4, seen=(3, 13, 0), pad=(Fal
     return x
 
 
-COMP_NAMES = NAMES + ("win_kp", "win_gs")
-COMP_MUTATED = MUTATED + ("win_kp", "win_gs")
-
-
-def call_comp(fn, x, window=W):
-    y = {n: None if t is None else t.clone() for n, t in x.items()}
-    o = fn(*(y[n] for n in NAMES), 0.3, window, 0.5, 4.0, None, y["win_kp"], y["win_gs"])
-    return o, y
 
 
 def test_naive_complementary_step_equals_float64_by_hand():
@@ -362,7 +358,7 @@ def test_naive_complementary_step_equals_float64_by_hand():
     0 has seen 3 tokens (ring not full: nothing leaves), 1 has seen 13 (slot 5 holds position 5, a non-sink, which
     leaves), 2 is padding."""
     x = comp_inputs(seen=(3, 13, 0))
-    o, y = call_comp(naive.liger_decode, x)
+    o, y = call(naive.liger_decode, x, norm=4.0)
     d = {n: None if t is None else (t.double() if t.is_floating_point() else t) for n, t in x.items()}
     lg = lambda t: F.logsigmoid(t) / 4.0  # noqa: E731
     K, V = 16, 16
@@ -412,31 +408,13 @@ def test_opcheck_complementary():
                           (*(x[n] for n in NAMES), x["win_kp"], x["win_gs"], 0.3, W, 0.5, 4.0))
 
 
-def check_comp_kernel(x, window=W):
-    from ligerfx.kernels.liger import decode
-    o, y = call_comp(decode.liger_decode, x, window)
-    x32 = {n: t.float() if t is not None and t.is_floating_point() and n not in COMP_MUTATED else t
-           for n, t in x.items()}
-    o_ref, y_ref = call_comp(naive.liger_decode, x32, window)
-    tol = 1e-5 if x["v"].dtype == torch.float32 else 2e-3
-    assert o.dtype == x["v"].dtype and o.shape == o_ref.shape
-    assert rel(o, o_ref) < tol
-    for n in COMP_MUTATED:
-        if y[n] is None:
-            continue
-        if n == "state":
-            assert rel(y[n], y_ref[n]) < 1e-5
-        else:
-            assert torch.equal(y[n], y_ref[n]), n
-
-
 @interpreter
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("G,K,V,S,seen", [(2, 16, 16, 4, (3, 13, 0)), (1, 16, 32, 0, (8, 20, 9)),
                                          (4, 12, 20, 2, (9, 2, 30))])
 def test_triton_complementary_decode_matches_naive(G, K, V, S, seen, dtype):
-    check_comp_kernel(comp_inputs(G=G, K=K, V=V, S=S, seen=seen, dtype=dtype))
+    check_kernel(comp_inputs(G=G, K=K, V=V, S=S, seen=seen, dtype=dtype), norm=4.0)
 
 
 @interpreter
@@ -444,8 +422,8 @@ def test_triton_complementary_decode_matches_naive(G, K, V, S, seen, dtype):
 @pytest.mark.parametrize("HKV,G,K,seen", [(1, 4, 256, (70, 2)), (2, 4, 64, (200, 64))])
 def test_triton_complementary_decode_model_shapes(HKV, G, K, seen):
     """Gemma-3-270M (K = 256, 1 KV head) and Llama-3.2-1B head shapes with the real ring of 64."""
-    check_comp_kernel(comp_inputs(B=2, HKV=HKV, G=G, K=K, V=K, W=64, S=4, seen=seen, pad=(False, False)),
-                      window=64)
+    check_kernel(comp_inputs(B=2, HKV=HKV, G=G, K=K, V=K, W=64, S=4, seen=seen, pad=(False, False)), window=64,
+                 norm=4.0)
 
 
 def test_complementary_rejects_missing_ring():
