@@ -8,8 +8,9 @@ Also draws ``--plot`` (default ``docs/results/quality.png``): the variants per t
 
 ``<folder>/<variant>.json`` hold the six log-likelihood tasks; ``<folder>/checks/<variant>.json`` (optional) the
 WikiText word perplexity and the decode checks (LAMBADA by ``generate()``, decode vs full-forward logits);
-``<folder>/paired/<b>_vs_<a>.json`` (optional, ``benchmarks/paired.py``) the item-level paired tests, copied into
-``quality.json["paired"]``.
+``<folder>/paired/**/<b>_vs_<a>.json`` (optional, ``benchmarks/paired.py``) the item-level paired tests, copied into
+``quality.json["paired"]`` under their path below ``paired/`` (``"complementary_vs_swa_sinks"``,
+``"fp32/ligerfx_complementary_vs_swa_sinks"``, ...).
 """
 import argparse
 import json
@@ -72,9 +73,10 @@ def main(argv=None):
         if v in runs:
             out[f"{v}_over_teacher_pct"] = round(100 * mean[v] / mean["teacher"], 1)
     paired = {}
-    for f in sorted((Path(args.folder) / "paired").glob("*_vs_*.json")):  # benchmarks/paired.py outputs
+    root = Path(args.folder) / "paired"
+    for f in sorted(root.rglob("*_vs_*.json")):  # benchmarks/paired.py outputs; key: path under paired/, no suffix
         r = json.loads(f.read_text())
-        paired[f.stem] = {"a": r["a"], "b": r["b"], "tasks": {
+        paired[f.relative_to(root).with_suffix("").as_posix()] = {"a": r["a"], "b": r["b"], "tasks": {
             t["task"]: {k: (round(t[k], 4) if isinstance(t[k], float) else t[k])
                         for k in ("a", "b", "diff", "a_only", "b_only", "p", "verdict")} for t in r["tasks"]}}
     if paired:

@@ -453,6 +453,31 @@ def test_quality_table_collects_the_reports(tmp_path):
         assert (r["a_only"], r["b_only"]) == (row["a_only"], row["b_only"]) and r["p"] == pytest.approx(row["p"], abs=1e-4)
         assert row["b"] == pytest.approx(100 * sum(b.values()) / len(b), abs=1e-3)
     assert paired["tasks"]["lambada_openai"]["verdict"] == "B above"
+    # session 17: the fp32 run of all three models side by side; every pair is recomputed from its per-item files,
+    # and each model's per-item mean is the accuracy its own lm-eval report printed
+    fp = runs / "fp32"
+    reports = {}
+    for m in ("teacher", "swa_sinks", "ligerfx_complementary"):
+        reports[m] = {**json.loads((fp / m / "eval.json").read_text())["tasks"],
+                      **json.loads((fp / m / "eval_hellaswag.json").read_text())["tasks"]}
+        assert json.loads((fp / m / "eval.json").read_text())["model"]["dtype"] == "torch.float32"
+    for key, (a_name, b_name) in {"fp32/ligerfx_complementary_vs_swa_sinks": ("swa_sinks", "ligerfx_complementary"),
+                                  "fp32/ligerfx_complementary_vs_teacher": ("teacher", "ligerfx_complementary"),
+                                  "fp32/swa_sinks_vs_teacher": ("teacher", "swa_sinks")}.items():
+        block = out["paired"][key]
+        assert set(block["tasks"]) == set(metric)
+        for task, row in block["tasks"].items():
+            a, b = pr.load_items(fp / a_name, task), pr.load_items(fp / b_name, task)
+            r = pr.compare_task(a, b, task, iters=200)
+            assert (r["a_only"], r["b_only"]) == (row["a_only"], row["b_only"]), (key, task)
+            for name, items in ((a_name, a), (b_name, b)):
+                assert 100 * sum(items.values()) / len(items) == pytest.approx(reports[name][task][metric[task]],
+                                                                               abs=1e-3), (name, task)
+    # what RESULTS "Session 17" rests on: in fp32 the sink baseline is the teacher item for item on Winogrande and
+    # within 3 items on PIQA and the ARC sets (their prompts fit in window + sinks)
+    base = out["paired"]["fp32/swa_sinks_vs_teacher"]["tasks"]
+    assert base["winogrande"]["a_only"] == base["winogrande"]["b_only"] == 0
+    assert all(base[t]["a_only"] + base[t]["b_only"] <= 3 for t in ("piqa", "arc_easy", "arc_challenge"))
 
 
 def test_recipe_seeds_means_and_counts_match_the_reports(tmp_path):
