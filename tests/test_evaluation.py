@@ -305,6 +305,41 @@ def test_decode_consistency_linearized(env):
     assert dc["max_abs_diff"] < 1e-2 * max(1.0, dc["max_abs_logit"]), dc
 
 
+@pytest.mark.parametrize("variant", ["complementary", "gla"])
+def test_scoring_without_cache_same_loglikelihoods_and_no_cache(env, variant):
+    """run_lm_eval scores with config.use_cache off (lm-eval's ``model(input_ids)`` would otherwise build a Liger
+    cache per layer that scoring never reads): the per-item log-likelihoods equal those of the same lm-eval run with
+    the cache on, no forward during the run returns a cache, and the flag is restored afterwards."""
+    ligerfx = pytest.importorskip("ligerfx")
+    model = make_model(env["tok"], seed=2)
+    ligerfx.transform(model, passes=["linearize"], config=ligerfx.LigerConfig(window=4, variant=variant))
+    caches = []
+    hook = model.register_forward_hook(lambda m, a, out: caches.append(out.past_key_values))
+    try:
+        kw = dict(data_dir=env["data"], limit=None, batch_size=3, cache=env["cache"], log_samples=True,
+                  bootstrap_iters=0)
+        ours = harness.run_lm_eval(model, env["tok"], ["piqa", "lambada_openai"], **kw)
+        assert caches and all(c is None for c in caches)
+        assert model.config.use_cache is True
+        n = len(caches)
+        lm = harness.make_lm(model, env["tok"], batch_size=3)  # lm-eval on its own: the model builds its caches
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        tm = TaskManager(include_path=ours["ligerfx_task_dir"], include_defaults=False)
+        theirs = lm_eval.simple_evaluate(model=lm, tasks=["piqa", "lambada_openai"], task_manager=tm,
+                                         log_samples=True, bootstrap_iters=0, batch_size=3)
+        assert any(c is not None for c in caches[n:])
+    finally:
+        hook.remove()
+    for task in ("piqa", "lambada_openai"):
+        a = sorted(ours["samples"][task], key=lambda r: r["doc_id"])
+        b = sorted(theirs["samples"][task], key=lambda r: r["doc_id"])
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            assert [float(r[0][0]) for r in x["resps"]] == pytest.approx([float(r[0][0]) for r in y["resps"]],
+                                                                           abs=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 

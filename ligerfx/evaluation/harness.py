@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -71,19 +72,40 @@ def run_lm_eval(
         if limit is not None or samples is not None:
             raise ValueError("give either limit or subsample, not both")
         samples = subsample_indices(tasks, include, subsample, seed)
-    out = lm_eval.simple_evaluate(
-        samples=samples,
-        model=lm,
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=tm,
-        log_samples=log_samples,
-        bootstrap_iters=bootstrap_iters,
-        batch_size=batch_size,
-    )
+    with scoring_without_cache(model if model is not None else getattr(lm, "model", None)):
+        out = lm_eval.simple_evaluate(
+            samples=samples,
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=tm,
+            log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters,
+            batch_size=batch_size,
+        )
     out["ligerfx_task_dir"] = str(include)
     return out
+
+
+@contextlib.contextmanager
+def scoring_without_cache(model):
+    """``model.config.use_cache = False`` for the duration (restored after, also on error).
+
+    lm-eval scores with ``model(input_ids)``, so HF falls back to ``config.use_cache`` (True) and builds a cache
+    that log-likelihood scoring never reads: a ``DynamicCache`` for the teacher, and for a linearized model a Liger
+    cache per layer, whose prefill path (ring writes, state hand-off, history compaction) costs more than the
+    cache-free forward. The logits are the same either way (tested); this suite has no generation task."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "use_cache"):
+        yield
+        return
+    before = cfg.use_cache
+    cfg.use_cache = False
+    try:
+        yield
+    finally:
+        cfg.use_cache = before
 
 
 def subsample_indices(tasks: Sequence[str], include: Path, n: int, seed: int = 1234) -> Dict[str, List[int]]:
