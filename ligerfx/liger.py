@@ -37,6 +37,10 @@ over ``[v, 1]`` (its last output channel is the normaliser ``sum_j w_tj``) with 
 was ``window + 1`` tokens earlier (``complementary_branch``); the cache keeps the pre-RoPE keys and gate inputs of
 the ring, so a token is pushed into the state when it leaves the ring.
 
+A call without a cache and with ``T <= window + 1`` tokens (``fits_window``: short prompts being scored) has every
+earlier token inside every query's window, so the sinks add nothing and the complementary GLA part is zero: it runs
+the window kernel alone (the same numbers, bit for bit). ``gla`` still runs its recurrent branch.
+
 A decode step (one token per sequence onto an allocated cache, autograd off) runs as one fused op
 (``decode_step``: ``ligerfx::liger_decode_``) instead of the branch-by-branch path; ``LIGERFX_FUSED_DECODE=0``
 (read at import, or set ``ligerfx.liger.FUSED_DECODE = False``) keeps the branch-by-branch path for every call.
@@ -86,13 +90,19 @@ def gla_branch(q, k, v, gate_src, cfg: LigerConfig, valid: Optional[torch.Tensor
     return ops.gla_fwd(phi_q.to(cd), phi_k.to(cd), v.to(cd), g, h0)
 
 
-def swa_branch(q, k, v, q_pos, k_pos, scale: float, cfg: LigerConfig, q_sink=None, sink_position=None):
+def swa_branch(q, k, v, q_pos, k_pos, scale: float, cfg: LigerConfig, q_sink=None, sink_position=None,
+               whole: bool = False):
     """Window branch on RoPE'd q/k: each query sees itself and ``cfg.window`` previous tokens (+ sinks), in the
     compute dtype (models that upcast q/k in their norms hand us fp32 q/k even under bf16 autocast).
 
     With ``q_sink`` (the query RoPE'd at position ``sink_position``, same layout as ``q``) the sinks a query sees
-    outside its window are scored by ``q_sink`` once the query is past ``sink_position``: see ``sink_attention``."""
+    outside its window are scored by ``q_sink`` once the query is past ``sink_position``: see ``sink_attention``.
+    ``whole=True`` promises that every query's window holds all earlier keys (``fits_window``): no sink can be
+    outside it, so the window kernel alone is the answer."""
     cd = compute_dtype(v)
+    if whole:
+        o, _ = ops.swa_fwd(q.to(cd), k.to(cd), v.to(cd), q_pos, k_pos, float(scale), int(cfg.window), 0)
+        return o
     if q_sink is None or cfg.n_sinks == 0:
         o, _ = ops.swa_fwd(q.to(cd), k.to(cd), v.to(cd), q_pos, k_pos, float(scale), int(cfg.window),
                            int(cfg.n_sinks))
@@ -219,6 +229,14 @@ def combine_complementary(o_swa: torch.Tensor, o_out: torch.Tensor, dtype: torch
     return ((o_swa.float() + o_out[..., :-1]) / (1.0 + o_out[..., -1:])).to(dtype)
 
 
+def fits_window(T: int, cfg: LigerConfig, cache) -> bool:
+    """True when no token of a ``T``-token call can be outside any query's window: no cache (positions start at 0)
+    and ``T <= window + 1``. Then the sinks are inside every window (``sink_attention`` adds nothing) and, for
+    ``variant="complementary"``, no token has left a window (its GLA part is zero): both are skipped. Decided from
+    the shape alone, so it costs no host sync. Short scoring calls (lm-eval's multiple-choice prompts) take this."""
+    return cache is None and T <= int(cfg.window) + 1
+
+
 def positions(valid: Optional[torch.Tensor], B: int, T: int, device, start: Optional[torch.Tensor] = None):
     """Per-sequence position of each new token among the *valid* tokens (``-1`` for padding)."""
     if valid is None:
@@ -250,7 +268,11 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
         if FUSED_DECODE and T == 1 and cache.seen is not None and not torch.is_grad_enabled():
             return decode_step(q_pre, k_pre, v, gate_src, q_rope, k_rope, scale=scale, cfg=cfg, valid=valid,
                                cache=cache, q_sink=q_sink, sink_position=sink_position)
+    whole = fits_window(T, cfg, cache)
     if cfg.variant == "complementary":
+        if whole:  # nothing has left the window: o = o_swa / (1 + 0)
+            q_pos = positions(valid, B, T, q_rope.device)
+            return swa_branch(q_rope, k_rope, v, q_pos, q_pos, scale, cfg, whole=True).to(v.dtype)
         start = cache.seen if cache is not None else None
         q_pos = positions(valid, B, T, q_rope.device, start)
         o_out = complementary_branch(q_pre, k_pre, v, gate_src, q_pos, cfg, cache, padded=valid is not None)
@@ -275,7 +297,7 @@ def liger_attention(q_pre, k_pre, v, gate_src, q_rope, k_rope, *, scale: float, 
             keys, values, k_pos = cache.window_keys(k_rope, v, q_pos)
         else:
             keys, values, k_pos = k_rope, v, q_pos
-        o_swa = swa_branch(q_rope, keys, values, q_pos, k_pos, scale, cfg, q_sink, sink_position)
+        o_swa = swa_branch(q_rope, keys, values, q_pos, k_pos, scale, cfg, q_sink, sink_position, whole=whole)
     if cache is not None:
         cache.advance(k_rope, v, q_pos)
     return mix(o_gla, o_swa, cfg, v.dtype)

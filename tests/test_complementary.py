@@ -94,6 +94,48 @@ def test_whole_sequence_in_window_is_softmax_attention():
     assert rel(o, ref) < 1e-6
 
 
+@pytest.mark.parametrize("T", [1, 7, 8, 9, 10])
+@pytest.mark.parametrize("pads", [None, (0, 3)])
+def test_short_calls_skip_the_state_and_sinks_exactly(T, pads, monkeypatch):
+    """``liger.fits_window``: a call with no cache and T <= window + 1 (here 9) takes the window kernel alone. Across
+    that boundary, with sinks and left padding, the output equals the float64 reference and, bit for bit, the
+    general path (the shortcut switched off); gradients of the window inputs agree too."""
+    W = 8
+    cfg = LigerConfig(variant="complementary", window=W, sinks=2, gate_normalizer=4.0)
+    assert liger.fits_window(T, cfg, None) == (T <= W + 1) and not liger.fits_window(T, cfg, new_layer(cfg))
+    x = inputs(2, 2, 2, T, 8, 6, seed=T)
+    valid = left_pad(2, T, pads) if pads and T > 3 else None
+    m = (valid if valid is not None else torch.ones(2, T, dtype=torch.bool))[:, None, :, None]
+    xs = {n: t.clone().requires_grad_() for n, t in x.items()}
+    o = run(xs, cfg, valid)
+    assert rel(o * m, reference(x, cfg, valid) * m) < 1e-5
+    w = torch.randn(o.shape) * m
+    (o * w).sum().backward()
+    monkeypatch.setattr(liger, "fits_window", lambda *a: False)
+    xg = {n: t.clone().requires_grad_() for n, t in x.items()}
+    o_general = run(xg, cfg, valid)
+    assert torch.equal(o * m, o_general * m)
+    (o_general * w).sum().backward()
+    for n in ("q_rope", "k_rope", "v"):
+        assert torch.allclose(xs[n].grad, xg[n].grad, atol=1e-6), n
+
+
+@pytest.mark.parametrize("variant", ["gla", "swa_sinks"])
+@pytest.mark.parametrize("T", [8, 9, 10])
+def test_short_calls_other_variants_equal_the_general_path(variant, T, monkeypatch):
+    """The same shortcut for ``gla`` (sinks on) and ``swa_sinks``, with the sink query given (``sink_position`` 3,
+    inside the short sequence: a query past it would score sinks outside its window from there, but none is
+    outside): bit for bit the general path through ``sink_attention``."""
+    cfg = LigerConfig(variant=variant, window=8, sinks=2, gate_normalizer=4.0)
+    x = inputs(2, 2, 2, T, 8, 6, seed=T)
+    q_sink = torch.randn(x["q_rope"].shape, generator=torch.Generator().manual_seed(1))
+    kw = dict(scale=SCALE, cfg=cfg, q_sink=q_sink, sink_position=3)
+    o = liger.liger_attention(*x.values(), **kw)
+    monkeypatch.setattr(liger, "fits_window", lambda *a: False)
+    o_general = liger.liger_attention(*x.values(), **kw)
+    assert torch.equal(o, o_general)  # T = 10: both the general path (the sinks count for the last query)
+
+
 def test_gradients_match_float64():
     cfg = LigerConfig(variant="complementary", window=3, sinks=1, gate_normalizer=4.0)
     x = inputs(1, 1, 2, 19, 8, 4, seed=3)
