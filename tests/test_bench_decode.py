@@ -72,3 +72,22 @@ def test_decode_ops_counts(tmp_path):
     assert l["eager_ops_extra_per_layer"] == (l["eager_ops"] - t["eager_ops"]) / l["layers"]
     assert l["eager_host_syncs"] == 0  # a decode step reads nothing back to the host
     assert "| ligerfx |" in res.stdout
+
+
+def test_eval_forward_smoke(tmp_path):
+    """benchmarks/eval_forward.py on CPU: a row per model with cold, warm and warm-with-a-cache passes, the same
+    seeded lengths for every model, and bad length bounds refused with the argument named."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "eval_forward.py"), "--model", "llama-tiny", "--device", "cpu",
+           "--batches", "3", "--batch", "2", "--min-len", "5", "--max-len", "40", "--out-dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| model | cold pass s | warm pass s |" in res.stdout
+    out = json.loads((tmp_path / "eval-forward-cpu.json").read_text())
+    assert [r["impl"] for r in out["rows"]] == ["teacher", "gla", "swa_sinks", "complementary"]
+    assert len(out["lengths"]) == 3 and all(5 <= n <= 40 for n in out["lengths"])
+    for r in out["rows"]:
+        assert r["cold_s"] > 0 and r["warm_s"] > 0 and r["warm_with_cache_s"] > 0 and r["tokens_per_s_warm"] > 0
+    assert out["rows"][0]["warm_over_teacher"] == 1.0
+    bad = subprocess.run(cmd[:-2] + ["--min-len", "50"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode != 0 and "--min-len 50" in bad.stderr + bad.stdout

@@ -376,6 +376,41 @@ def test_cli_teacher(env, saved_model, tmp_path, capsys):
     assert "| piqa |" in capsys.readouterr().out
 
 
+def test_parallel_evals_script_packs_results_and_stops_at_the_deadline(env, saved_model, tmp_path):
+    """benchmarks/gpu/parallel_evals.sh (run on CPU here): two ``ligerfx eval`` jobs at once, everything packed into
+    $OUT/results.tgz; with a deadline shorter than the jobs, they are stopped, the script fails, and the pack still
+    comes back with their logs."""
+    import subprocess
+    import sys
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    common = (f"--model {saved_model} --data-dir {env['data']} --device cpu --batch-size 2 --per-task "
+              "--checks lm_eval --log-samples --limit 2 --threads 1")
+    environ = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "COMMON": common,
+               "OMP_NUM_THREADS": "1"}
+
+    def run(deadline, tag):
+        env_ = {**environ, "RESULTS": str(tmp_path / tag / "r"), "OUT": str(tmp_path / tag / "out")}
+        res = subprocess.run(["bash", str(root / "benchmarks/gpu/parallel_evals.sh"), str(deadline), "piqa",
+                              "teacher::--dtype float32", "gla::--dtype float32 --variant gla --window 4"],
+                             capture_output=True, text=True, timeout=600, cwd=root, env=env_)
+        with tarfile.open(tmp_path / tag / "out" / "results.tgz") as t:
+            names = {n.lstrip("./") for n in t.getnames()}
+        return res, names
+
+    res, names = run(300, "full")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for job in ("teacher", "gla"):
+        assert {f"{job}.log", f"{job}/eval.json", f"{job}/samples/piqa.jsonl"} <= names, names
+    report = json.loads((tmp_path / "full" / "r" / "gla" / "eval.json").read_text())
+    assert report["model"]["transform"]["window"] == 4 and report["tasks"]["piqa"]["n"] == 2
+
+    res, names = run(1, "cut")
+    assert res.returncode != 0 and "deadline 1s reached" in res.stdout
+    assert {"teacher.log", "gla.log"} <= names and not any(n.endswith("eval.json") for n in names)
+
+
 def test_cli_linearized_and_adapter(env, saved_model, tmp_path):
     ligerfx = pytest.importorskip("ligerfx")
     if not hasattr(ligerfx, "transform"):

@@ -35,6 +35,7 @@ done
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader > "$R/gpu.txt" 2>&1 || true
 
 start=$SECONDS
+packed=$SECONDS
 while :; do
   alive=0
   for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
@@ -44,8 +45,11 @@ while :; do
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
     sleep 2; break
   fi
-  sleep 20; pack
-  echo "t=$((SECONDS - start))s: $(ls "$R"/*/eval*.json 2>/dev/null | wc -l) report files"
+  sleep 1
+  if (( SECONDS - packed >= 20 )); then
+    pack; packed=$SECONDS
+    echo "t=$((SECONDS - start))s: $(ls "$R"/*/eval*.json 2>/dev/null | wc -l) report files"
+  fi
 done
 rc=0
 for i in "${!pids[@]}"; do wait "${pids[$i]}"; r=$?; echo "job $((i + 1)) exit $r"; [ $r -eq 0 ] || rc=$r; done
