@@ -76,6 +76,9 @@ def main(argv=None):
     root = Path(args.folder) / "paired"
     for f in sorted(root.rglob("*_vs_*.json")):  # benchmarks/paired.py outputs; key: path under paired/, no suffix
         r = json.loads(f.read_text())
+        if not {"a", "b", "run_a", "tasks"} <= r.keys():
+            raise SystemExit(f"{f}: named like a benchmarks/paired.py output (<b>_vs_<a>.json) but is not one; "
+                             "rename it")
         paired[f.relative_to(root).with_suffix("").as_posix()] = {"a": r["a"], "b": r["b"], "tasks": {
             t["task"]: {k: (round(t[k], 4) if isinstance(t[k], float) else t[k])
                         for k in ("a", "b", "diff", "a_only", "b_only", "p", "verdict")} for t in r["tasks"]}}
