@@ -795,3 +795,46 @@ def test_lambada_buckets_of_the_committed_fp32_runs():
         rep = json.loads((F / m / "eval.json").read_text())["tasks"]["lambada_openai"]["acc"]
         assert out["buckets"][m]["all"]["acc"] == pytest.approx(rep, abs=1e-6)
         assert sum(out["buckets"][m][b]["n"] for b in ("near", "far", "absent")) == 5153
+
+
+def test_state_scale_probe_is_the_model_at_c1_and_the_sink_baseline_at_c0(env, saved_model, tmp_path):
+    """benchmarks/state_scale_probe.py: with the state's weights scaled by c = 1 the target log-likelihoods are the
+    complementary model's own, with c = 0 those of the swa_sinks model (same window and sinks, built separately),
+    and a larger c changes them on items whose context has left the window."""
+    import importlib.util
+    import argparse
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("state_scale_probe", root / "benchmarks" / "state_scale_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    words = "the cat sat on a mat and looked at the door while rain fell over old roofs".split()
+    lam = []
+    for k in range(6):
+        target = ["stone", "kitchen", "signs"][k % 3]
+        filler = " ".join(words[(k + j) % len(words)] for j in range(24))
+        ctx = f"{target} {filler}" if k < 3 else f"{filler} {target} and the"
+        lam.append({"context": ctx, "continuation": target})
+    (tmp_path / "lambada_openai").mkdir()
+    (tmp_path / "lambada_openai/lambada_openai_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lam))
+    common = ["--model", str(saved_model), "--window", "4", "--sinks", "1", "--data-dir", str(tmp_path)]
+    out = probe.main(common + ["--variant", "complementary", "--scales", "1,0,8", "--far", "9", "--near", "9",
+                               "--near-tokens", "12", "--out", str(tmp_path / "p.json")])
+    assert len(out["items"]["far"]) == 3 and len(out["items"]["near"]) == 3
+    by_c = {r["scale"]: r for r in out["rows"]}
+
+    def own(variant):
+        p = argparse.ArgumentParser()
+        eval_cli.add_arguments(p)
+        model, tok, _ = eval_cli.build_model(p.parse_args(common + ["--variant", variant]))
+        return {b: [probe.score_item(model, tok, lam[i])[1] for i in out["items"][b]] for b in ("far", "near")}
+
+    comp, swa = own("complementary"), own("swa_sinks")
+    assert comp["far"] != pytest.approx(swa["far"], abs=1e-4)  # the state matters here, so c = 0 is a real check
+    for b in ("far", "near"):
+        assert by_c[1.0][b]["loglik"] == pytest.approx(comp[b], abs=1e-5)
+        assert by_c[0.0][b]["loglik"] == pytest.approx(swa[b], abs=1e-5)
+    assert by_c[8.0]["far"]["loglik"] != pytest.approx(comp["far"], abs=1e-3)
+    assert by_c[1.0]["far"]["mean_state_mass"] > 0
+    with pytest.raises(SystemExit, match="not variant='complementary'"):
+        probe.main(common + ["--variant", "gla", "--scales", "1"])
